@@ -1,0 +1,33 @@
+# One-line wrappers; CI (.ci/run) runs `make install` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The torch pin: a CPU build here (it lies on this machine's disk), the CUDA build from the index elsewhere.
+TORCH  ?= torch==2.13.0
+# Pixels are bit-exact with the reference at this Pillow (image resizing is Pillow-version sensitive).
+PILLOW ?= pillow==13.0.0
+DEMO   := models/demo-tiny
+
+.PHONY: install test test-all demo lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "vl2edge needs Python >= 3.10"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" "$(PILLOW)"
+	$(PY) -m pip install -q -e ".[torch,export,dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ""
+
+lint: install
+	$(PY) -m ruff check vl2edge quant export tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

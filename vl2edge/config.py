@@ -1,0 +1,489 @@
+"""DeepSeek-VL2 configuration: one dataclass per sub-model, with the checkpoint's own field names.
+
+`VL2Config.from_dict(config.json)` ignores unknown keys, fills absent ones with the reference
+defaults (`DeepseekV2Config`, `VisionEncoderConfig`, `MlpProjectorConfig`; see
+research/vl2-reference.md §1), and rejects values the runtime does not implement with a message that
+names the key. `tensor_shapes()` lists every tensor an official checkpoint of the config holds.
+Presets: the three released models and small `tiny()` models for tests and the demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+TILE_TAGS = ("2D",)  # the reference's "1D" branch is abandoned and crashes (config.aligner)
+GLOBAL_VIEW_POS = ("head", "tail")
+PROJECTOR_TYPES = ("downsample_mlp_gelu",)
+
+OFFICIAL_RESOLUTIONS = [
+    [384, 384], [384, 768], [768, 384], [384, 1152], [1152, 384], [384, 1536], [1536, 384],
+    [768, 768], [384, 1920], [1920, 384], [384, 2304], [2304, 384], [768, 1152], [1152, 768],
+    [384, 2688], [2688, 384], [384, 3072], [3072, 384], [768, 1536], [1536, 768], [384, 3456],
+    [3456, 384], [1152, 1152],
+]
+
+
+def _check(ok: bool, where: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {where} = {value!r} is not supported; expected {expected}")
+
+
+def _typed(cls, section: str, d: dict):
+    """Build dataclass `cls` from `d`: unknown keys ignored, known keys type-checked by annotation."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"config {section} must be an object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in d:
+            kwargs[f.name] = _coerce(f"{section}.{f.name}" if section else f.name, d[f.name], hints[f.name])
+    return cls(**kwargs)
+
+
+def _coerce(where: str, value, typ):
+    options = typing.get_args(typ) if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union \
+        else (typ,)
+    if value is None and type(None) in options:
+        return None
+    for t in options:
+        base = typing.get_origin(t) or t
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base in (str, list, dict) and isinstance(value, base):
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
+    raise ConfigError(f"config {where} = {value!r} has the wrong type; expected {names}")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP ViT tower (`vision_config`); defaults are `VisionEncoderConfig`'s."""
+
+    model_name: str = "siglip_large_patch16_384"  # never read by the reference
+    image_size: int = 384
+    patch_size: int = 16
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self):
+        for k in ("image_size", "patch_size", "width", "layers", "heads"):
+            _check(getattr(self, k) > 0, f"vision_config.{k}", getattr(self, k), "a positive integer")
+        _check(self.width % self.heads == 0, "vision_config.heads", self.heads, f"a divisor of width {self.width}")
+        _check(self.patch_size <= self.image_size, "vision_config.patch_size", self.patch_size,
+               f"at most image_size {self.image_size}")
+        _check(self.mlp_ratio > 0, "vision_config.mlp_ratio", self.mlp_ratio, "a positive number")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def grid(self) -> int:
+        """Patches per side: 384 // 14 = 27 (the last 6 pixel rows/columns are never seen)."""
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """2x2-merge MLP projector (`projector_config`); defaults are `MlpProjectorConfig`'s."""
+
+    projector_type: str = "downsample_mlp_gelu"
+    input_dim: int = 1152
+    n_embed: int = 2048
+    depth: int = 2
+    mlp_ratio: int = 1
+    downsample_ratio: int = 2
+    token_pooling: bool = False
+
+    def __post_init__(self):
+        _check(self.projector_type in PROJECTOR_TYPES, "projector_config.projector_type", self.projector_type,
+               " or ".join(PROJECTOR_TYPES))
+        _check(not self.token_pooling, "projector_config.token_pooling", self.token_pooling, "false")
+        for k in ("input_dim", "n_embed", "depth", "mlp_ratio", "downsample_ratio"):
+            _check(getattr(self, k) > 0, f"projector_config.{k}", getattr(self, k), "a positive integer")
+
+    @property
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(out, in) of each Linear; they sit at `layers.0, layers.2, ...` with GELUs between."""
+        r2, hid = self.downsample_ratio ** 2, self.n_embed * self.mlp_ratio
+        mids = [(hid, hid)] * max(self.depth - 2, 0)
+        return [(hid, self.input_dim * r2), *mids, (self.n_embed, hid)]
+
+
+@dataclass(frozen=True)
+class LanguageConfig:
+    """DeepSeekMoE language model (`language_config`); defaults are `DeepseekV2Config`'s."""
+
+    vocab_size: int = 102400
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    moe_intermediate_size: int = 1407
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    n_shared_experts: int | None = None
+    n_routed_experts: int | None = None
+    routed_scaling_factor: float = 1.0
+    kv_lora_rank: int | None = 512
+    q_lora_rank: int | None = 1536
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    qk_nope_head_dim: int = 128
+    topk_method: str = "greedy"  # the reference default is the typo "gready", which crashes its gate
+    n_group: int | None = None
+    topk_group: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 0
+    norm_topk_prob: bool = False
+    scoring_func: str = "softmax"
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    bos_token_id: int | None = 100000
+    eos_token_id: int | None = 100001
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    use_mla: bool = True
+
+    def __post_init__(self):
+        lc = "language_config"
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings", "moe_layer_freq"):
+            _check(getattr(self, k) > 0, f"{lc}.{k}", getattr(self, k), "a positive integer")
+        _check(self.topk_method in TOPK_METHODS, f"{lc}.topk_method", self.topk_method, " or ".join(TOPK_METHODS))
+        _check(self.scoring_func in SCORING_FUNCS, f"{lc}.scoring_func", self.scoring_func,
+               " or ".join(SCORING_FUNCS))
+        _check(self.hidden_act == "silu", f"{lc}.hidden_act", self.hidden_act, "silu")
+        _check(self.rope_scaling is None, f"{lc}.rope_scaling", self.rope_scaling,
+               "null (every released DeepSeek-VL2 uses plain RoPE)")
+        _check(not self.tie_word_embeddings, f"{lc}.tie_word_embeddings", self.tie_word_embeddings, "false")
+        if self.use_mla:
+            _check(self.kv_lora_rank is not None and self.kv_lora_rank > 0, f"{lc}.kv_lora_rank",
+                   self.kv_lora_rank, "a positive integer with MLA attention (use_mla true)")
+            for k in ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+                _check(getattr(self, k) > 0, f"{lc}.{k}", getattr(self, k), "a positive integer with MLA attention")
+            _check(self.qk_rope_head_dim % 2 == 0, f"{lc}.qk_rope_head_dim", self.qk_rope_head_dim, "an even number")
+            _check(self.q_lora_rank is None or self.q_lora_rank > 0, f"{lc}.q_lora_rank", self.q_lora_rank,
+                   "null or a positive integer")
+        else:
+            _check(self.hidden_size % self.num_attention_heads == 0, f"{lc}.num_attention_heads",
+                   self.num_attention_heads, f"a divisor of hidden_size {self.hidden_size}")
+            _check(self.head_dim % 2 == 0, f"{lc}.num_attention_heads", self.num_attention_heads,
+                   "a value that gives an even head_dim")
+            _check(self.num_attention_heads % self.num_key_value_heads == 0, f"{lc}.num_key_value_heads",
+                   self.num_key_value_heads, f"a divisor of num_attention_heads {self.num_attention_heads}")
+        if self.n_routed_experts is not None:
+            _check(self.n_routed_experts > 0, f"{lc}.n_routed_experts", self.n_routed_experts, "a positive integer")
+            k = self.num_experts_per_tok
+            _check(k is not None and 0 < k <= self.n_routed_experts, f"{lc}.num_experts_per_tok", k,
+                   f"an integer in 1..n_routed_experts ({self.n_routed_experts})")
+            _check(self.moe_intermediate_size > 0, f"{lc}.moe_intermediate_size", self.moe_intermediate_size,
+                   "a positive integer")
+            if self.topk_method != "greedy":
+                g, tg = self.n_group, self.topk_group
+                _check(g is not None and g > 0 and self.n_routed_experts % g == 0, f"{lc}.n_group", g,
+                       f"a divisor of n_routed_experts ({self.n_routed_experts}) with {self.topk_method}")
+                _check(tg is not None and 0 < tg <= g, f"{lc}.topk_group", tg, f"an integer in 1..n_group ({g})")
+            if self.topk_method == "noaux_tc":
+                _check(self.n_routed_experts // self.n_group >= 2, f"{lc}.n_group", self.n_group,
+                       "groups of at least 2 experts (noaux_tc scores a group by its top-2)")
+                _check(k <= self.topk_group * (self.n_routed_experts // self.n_group), f"{lc}.num_experts_per_tok",
+                       k, "at most topk_group * experts per group")
+
+    @property
+    def head_dim(self) -> int:
+        """MHA (Tiny) head width."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def q_head_dim(self) -> int:
+        """MLA query/key head width: nope + rope."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (self.n_routed_experts is not None and i >= self.first_k_dense_replace
+                and i % self.moe_layer_freq == 0)
+
+
+@dataclass(frozen=True)
+class VL2Config:
+    vision_config: VisionConfig = field(default_factory=VisionConfig)
+    projector_config: ProjectorConfig = field(default_factory=ProjectorConfig)
+    language_config: LanguageConfig = field(default_factory=LanguageConfig)
+    tile_tag: str = "2D"
+    global_view_pos: str = "head"
+    candidate_resolutions: list = field(default_factory=lambda: [[384, 384]])
+    torch_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        _check(self.tile_tag in TILE_TAGS, "tile_tag", self.tile_tag, " or ".join(TILE_TAGS))
+        _check(self.global_view_pos in GLOBAL_VIEW_POS, "global_view_pos", self.global_view_pos,
+               " or ".join(GLOBAL_VIEW_POS))
+        res = self.candidate_resolutions
+        _check(isinstance(res, list) and len(res) > 0 and all(
+            isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(v, int) and v > 0 for v in r)
+            for r in res), "candidate_resolutions", res, "a non-empty list of [width, height] pairs")
+        v, p = self.vision_config, self.projector_config
+        _check(p.input_dim == v.width, "projector_config.input_dim", p.input_dim, f"vision width {v.width}")
+        _check(p.n_embed == self.language_config.hidden_size, "projector_config.n_embed", p.n_embed,
+               f"language hidden_size {self.language_config.hidden_size}")
+
+    # -- (de)serialisation ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VL2Config:
+        if not isinstance(d, dict):
+            raise ConfigError("config.json must hold a JSON object")
+        mt = d.get("model_type", "deepseek_vl_v2")
+        if mt != "deepseek_vl_v2":
+            raise ConfigError(f"config model_type = {mt!r}: this is not a DeepSeek-VL2 checkpoint "
+                              "(expected 'deepseek_vl_v2')")
+        top = _typed(_TopLevel, "", d)
+        return cls(
+            vision_config=_typed(VisionConfig, "vision_config", d.get("vision_config", {})),
+            projector_config=_typed(ProjectorConfig, "projector_config", d.get("projector_config", {})),
+            language_config=_typed(LanguageConfig, "language_config", d.get("language_config", {})),
+            **dataclasses.asdict(top),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path) -> VL2Config:
+        """Read `config.json` from a model directory (or the file itself)."""
+        p = Path(path)
+        file = p / "config.json" if p.is_dir() else p
+        if not file.is_file():
+            raise ConfigError(f"no config.json at {file}: is {path} a DeepSeek-VL2 model directory?")
+        try:
+            d = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{file} is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        """The official config.json shape (plus every field explicitly, so defaults never drift)."""
+        return {
+            "candidate_resolutions": [list(r) for r in self.candidate_resolutions],
+            "global_view_pos": self.global_view_pos,
+            "language_config": {**dataclasses.asdict(self.language_config), "model_type": "deepseek_v2"},
+            "model_type": "deepseek_vl_v2",
+            "projector_config": {**dataclasses.asdict(self.projector_config), "model_type": "mlp_projector"},
+            "tile_tag": self.tile_tag,
+            "torch_dtype": self.torch_dtype,
+            "vision_config": {**dataclasses.asdict(self.vision_config), "model_type": "vision"},
+        }
+
+    def replace(self, **sections) -> VL2Config:
+        """Copy with fields of sub-configs changed: `cfg.replace(language_config={"vocab_size": 512})`."""
+        kw = {k: dataclasses.replace(getattr(self, k), **v) if isinstance(v, dict) else v
+              for k, v in sections.items()}
+        return dataclasses.replace(self, **kw)
+
+    # -- the tensors an official checkpoint of this config holds --------------------------------------
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """name -> shape for every tensor of the official checkpoint layout, in a stable order.
+
+        Includes `vision.attn_pool.*` (a MAP head the reference builds and saves but never runs).
+        """
+        v, lc = self.vision_config, self.language_config
+        W, M, S = v.width, v.mlp_hidden, {}
+        S["vision.pos_embed"] = (1, v.grid * v.grid, W)
+        S["vision.patch_embed.proj.weight"] = (W, 3, v.patch_size, v.patch_size)
+        S["vision.patch_embed.proj.bias"] = (W,)
+        for i in range(v.layers):
+            b = f"vision.blocks.{i}."
+            S |= {b + "norm1.weight": (W,), b + "norm1.bias": (W,),
+                  b + "attn.qkv.weight": (3 * W, W), b + "attn.qkv.bias": (3 * W,),
+                  b + "attn.proj.weight": (W, W), b + "attn.proj.bias": (W,),
+                  b + "norm2.weight": (W,), b + "norm2.bias": (W,),
+                  b + "mlp.fc1.weight": (M, W), b + "mlp.fc1.bias": (M,),
+                  b + "mlp.fc2.weight": (W, M), b + "mlp.fc2.bias": (W,)}
+        S["vision.norm.weight"], S["vision.norm.bias"] = (W,), (W,)
+        a = "vision.attn_pool."
+        S |= {a + "latent": (1, 1, W), a + "q.weight": (W, W), a + "q.bias": (W,),
+              a + "kv.weight": (2 * W, W), a + "kv.bias": (2 * W,), a + "proj.weight": (W, W), a + "proj.bias": (W,),
+              a + "norm.weight": (W,), a + "norm.bias": (W,), a + "mlp.fc1.weight": (M, W), a + "mlp.fc1.bias": (M,),
+              a + "mlp.fc2.weight": (W, M), a + "mlp.fc2.bias": (W,)}
+        for j, (o, i) in enumerate(self.projector_config.linear_shapes):
+            S[f"projector.layers.{2 * j}.weight"], S[f"projector.layers.{2 * j}.bias"] = (o, i), (o,)
+        D = lc.hidden_size
+        S["image_newline"], S["view_seperator"] = (D,), (D,)  # sic: the checkpoint spells it "seperator"
+        S["language.model.embed_tokens.weight"] = (lc.vocab_size, D)
+        for i in range(lc.num_hidden_layers):
+            S |= _layer_shapes(lc, i, f"language.model.layers.{i}.")
+        S["language.model.norm.weight"] = (D,)
+        S["language.lm_head.weight"] = (lc.vocab_size, D)
+        return S
+
+    def num_params(self) -> int:
+        total = 0
+        for shape in self.tensor_shapes().values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+        return total
+
+
+@dataclass(frozen=True)
+class _TopLevel:
+    tile_tag: str = "2D"  # the reference defaults to the string "tile_tag", which crashes model construction
+    global_view_pos: str = "head"
+    candidate_resolutions: list = field(default_factory=lambda: [[384, 384]])
+    torch_dtype: str = "bfloat16"
+
+
+def _layer_shapes(lc: LanguageConfig, i: int, p: str) -> dict[str, tuple[int, ...]]:
+    D, H = lc.hidden_size, lc.num_attention_heads
+    S = {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,)}
+    a = p + "self_attn."
+    bias = lc.attention_bias
+    if lc.use_mla:
+        qd, r = lc.q_head_dim, lc.qk_rope_head_dim
+        if lc.q_lora_rank is None:
+            S[a + "q_proj.weight"] = (H * qd, D)
+        else:
+            S[a + "q_a_proj.weight"] = (lc.q_lora_rank, D)
+            if bias:
+                S[a + "q_a_proj.bias"] = (lc.q_lora_rank,)
+            S[a + "q_a_layernorm.weight"] = (lc.q_lora_rank,)
+            S[a + "q_b_proj.weight"] = (H * qd, lc.q_lora_rank)
+        S[a + "kv_a_proj_with_mqa.weight"] = (lc.kv_lora_rank + r, D)
+        if bias:
+            S[a + "kv_a_proj_with_mqa.bias"] = (lc.kv_lora_rank + r,)
+        S[a + "kv_a_layernorm.weight"] = (lc.kv_lora_rank,)
+        S[a + "kv_b_proj.weight"] = (H * (lc.qk_nope_head_dim + lc.v_head_dim), lc.kv_lora_rank)
+        S[a + "o_proj.weight"] = (D, H * lc.v_head_dim)
+        if bias:
+            S[a + "o_proj.bias"] = (D,)
+    else:
+        hd, kv = lc.head_dim, lc.num_key_value_heads
+        for name, out in (("q_proj", H * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)):
+            S[a + name + ".weight"] = (out, D)
+            if bias:
+                S[a + name + ".bias"] = (out,)
+        S[a + "o_proj.weight"] = (D, H * hd)
+        if bias:
+            S[a + "o_proj.bias"] = (D,)
+    m = p + "mlp."
+    if lc.is_moe_layer(i):
+        E, inter = lc.n_routed_experts, lc.moe_intermediate_size
+        S[m + "gate.weight"] = (E, D)
+        if lc.topk_method == "noaux_tc":
+            S[m + "gate.e_score_correction_bias"] = (E,)
+        for e in range(E):
+            S |= _mlp_shapes(f"{m}experts.{e}.", D, inter)
+        if lc.n_shared_experts is not None:
+            S |= _mlp_shapes(m + "shared_experts.", D, inter * lc.n_shared_experts)
+    else:
+        S |= _mlp_shapes(m, D, lc.intermediate_size)
+    return S
+
+
+def _mlp_shapes(p: str, D: int, inter: int) -> dict[str, tuple[int, int]]:
+    return {p + "gate_proj.weight": (inter, D), p + "up_proj.weight": (inter, D), p + "down_proj.weight": (D, inter)}
+
+
+# -- presets ----------------------------------------------------------------------------------------------
+
+_SIGLIP_SO400M = {"layers": 27, "mlp_ratio": 3.7362, "model_name": "siglip_so400m_patch14_384",
+                  "patch_size": 14, "width": 1152}
+_COMMON_LM = {"bos_token_id": 0, "eos_token_id": 1, "first_k_dense_replace": 1, "max_position_embeddings": 4096,
+              "n_shared_experts": 2, "num_experts_per_tok": 6}
+
+# The released config.json files, as far as research/vl2-reference.md §1 could confirm them (Base is
+# verbatim; absent keys take the DeepseekV2Config defaults, e.g. Base's 30 layers and 32 heads).
+OFFICIAL = {
+    "deepseek-vl2-tiny": {
+        "language_config": {**_COMMON_LM, "vocab_size": 129280, "hidden_size": 1280, "intermediate_size": 6848,
+                            "moe_intermediate_size": 896, "num_hidden_layers": 12, "num_attention_heads": 10,
+                            "num_key_value_heads": 10, "n_routed_experts": 64, "topk_method": "greedy",
+                            "n_group": 1, "topk_group": 1, "use_mla": False, "q_lora_rank": None,
+                            "kv_lora_rank": None, "qk_nope_head_dim": 0, "qk_rope_head_dim": 0, "v_head_dim": 0},
+        "projector_config": {"n_embed": 1280},
+    },
+    "deepseek-vl2-small": {
+        "language_config": {**_COMMON_LM, "bos_token_id": 100000, "eos_token_id": 100001, "vocab_size": 102400,
+                            "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+                            "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
+                            "n_routed_experts": 64, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+                            "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128,
+                            "qk_rope_head_dim": 64, "v_head_dim": 128},
+        "projector_config": {"n_embed": 2048},
+    },
+    "deepseek-vl2": {
+        "language_config": {**_COMMON_LM, "vocab_size": 129280, "hidden_size": 2560, "intermediate_size": 12288,
+                            "moe_intermediate_size": 1536, "n_routed_experts": 72, "norm_topk_prob": True,
+                            "q_lora_rank": None, "routed_scaling_factor": 2.0, "scoring_func": "sigmoid",
+                            "topk_method": "noaux_tc", "n_group": 1, "topk_group": 1},
+        "projector_config": {"n_embed": 2560},
+    },
+}
+for _d in OFFICIAL.values():
+    _d.update({"candidate_resolutions": OFFICIAL_RESOLUTIONS, "global_view_pos": "head", "tile_tag": "2D",
+               "model_type": "deepseek_vl_v2", "torch_dtype": "bfloat16", "vision_config": dict(_SIGLIP_SO400M)})
+
+
+def tiny(attention: str = "mha", vocab_size: int = 512) -> VL2Config:
+    """A small random-weight-friendly config: 3 layers (1 dense + 2 MoE), shrunk vision tower.
+
+    attention: "mha" (like Tiny), "mla" (like Small) or "mla-noaux" (like Base: q-LoRA, sigmoid +
+    noaux_tc routing over 4 groups, norm_topk_prob, scaling 2.0).
+    """
+    lm = {"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 176, "moe_intermediate_size": 32,
+          "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 8,
+          "n_shared_experts": 2, "num_experts_per_tok": 3, "first_k_dense_replace": 1, "topk_method": "greedy",
+          "n_group": 1, "topk_group": 1, "max_position_embeddings": 4096, "bos_token_id": 0, "eos_token_id": 1}
+    if attention == "mha":
+        lm |= {"use_mla": False, "q_lora_rank": None, "kv_lora_rank": None, "qk_nope_head_dim": 0,
+               "qk_rope_head_dim": 0, "v_head_dim": 0}
+    elif attention == "mla":
+        lm |= {"use_mla": True, "q_lora_rank": None, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+               "qk_rope_head_dim": 8, "v_head_dim": 16}
+    elif attention == "mla-noaux":
+        lm |= {"use_mla": True, "q_lora_rank": 24, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+               "v_head_dim": 16, "n_routed_experts": 12, "num_experts_per_tok": 4, "topk_method": "noaux_tc",
+               "scoring_func": "sigmoid", "n_group": 4, "topk_group": 2, "norm_topk_prob": True,
+               "routed_scaling_factor": 2.0}
+    else:
+        raise ConfigError(f"tiny(attention={attention!r}): expected 'mha', 'mla' or 'mla-noaux'")
+    return VL2Config.from_dict({
+        "candidate_resolutions": OFFICIAL_RESOLUTIONS, "tile_tag": "2D", "global_view_pos": "head",
+        "torch_dtype": "float32", "language_config": lm,
+        "vision_config": {"layers": 2, "width": 64, "heads": 4, "mlp_ratio": 3.7362, "patch_size": 14,
+                          "model_name": "siglip_so400m_patch14_384"},
+        "projector_config": {"input_dim": 64, "n_embed": 64},
+    })
+
+
+TEST_PRESETS = {"test-mha": "mha", "test-mla": "mla", "test-mla-noaux": "mla-noaux"}
+PRESETS = (*OFFICIAL, *TEST_PRESETS)
+
+
+def preset(name: str) -> VL2Config:
+    """A named config: an official model (`deepseek-vl2-tiny|-small`, `deepseek-vl2`) or a test model."""
+    if name in OFFICIAL:
+        return VL2Config.from_dict(OFFICIAL[name])
+    if name in TEST_PRESETS:
+        return tiny(TEST_PRESETS[name])
+    raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")

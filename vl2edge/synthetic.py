@@ -1,0 +1,194 @@
+"""Random-weight DeepSeek-VL2 checkpoints in the official layout, for tests, the demo and benchmarks.
+
+`write_model(config, out)` writes config.json, processor_config.json, a small byte-level BPE
+tokenizer that holds the official special tokens, and seeded random weights for every tensor
+`config.tensor_shapes()` names, streamed to disk chunk by chunk (the full 27.5B Base stays far under
+4 GB of RAM). Large checkpoints are sharded like the official repos. No torch needed.
+
+    python -m vl2edge.synthetic --preset test-mha --out models/demo-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .config import PRESETS, VL2Config, preset
+from .weights import STORAGE, f32_to_bf16, write_checkpoint
+
+BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+IMAGE = "<image>"
+GROUNDING = ["<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>"]
+CHAT = ["<|User|>", "<|Assistant|>"]
+SPECIAL_TOKENS = [BOS, EOS, PAD, IMAGE, *GROUNDING, *CHAT]  # ids 0..10, bos 0 and eos 1 as in Tiny/Base
+
+PROCESSOR_CONFIG = {
+    "add_special_token": False, "downsample_ratio": 2, "ignore_id": -100,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_token": IMAGE, "mask_prompt": False,
+    "normalize": True, "pad_token": PAD, "patch_size": 14, "processor_class": "DeepseekVLV2Processor",
+    "sft_format": "deepseek",
+}
+
+# Training text for the demo tokenizer: enough English for a few hundred merges.
+_TEXT = """\
+A vision-language model reads a picture and a question and writes an answer. It can describe the
+scene, read the text on a sign, copy the numbers from a table, explain what a chart shows, and point
+at things by drawing boxes around them. The picture is cut into square tiles; every tile becomes a
+grid of small patches, and every patch becomes a vector. A small network merges four neighbouring
+patches into one token, so a tile of three hundred and eighty-four pixels turns into one hundred and
+ninety-six tokens. The language model then reads the image tokens and the words of the question
+together, one layer after another. In each layer a router picks a few experts for every token; only
+those experts run, which is why a large mixture of experts can answer quickly. The answer comes out
+one token at a time: the model looks at everything written so far and guesses the next piece of a
+word. Documents, receipts, invoices, forms, street signs, menus, slides, diagrams, maps, charts and
+handwritten notes are all pictures with text in them. Where is the red circle? What is the total on
+this receipt? Which bar is the tallest? Read the title of the page. Locate the person on the left.
+"""
+
+CHUNK_ELEMENTS = 1 << 24  # 16M values per generated chunk: 64 MB of float32 at most in flight
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE (no prefix space, like DeepSeek's) with the official special tokens at ids 0..10."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_TEXT] * 4, trainer)
+    return tok
+
+
+def write_tokenizer(out: Path, vocab_size: int = 512) -> None:
+    build_tokenizer(vocab_size).save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "add_eos_token": False, "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+        "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": 16384,
+        "tokenizer_class": "LlamaTokenizer", "unk_token": None, "use_default_system_prompt": False}, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps({
+        "additional_special_tokens": CHAT, "bos_token": BOS, "eos_token": EOS, "pad_token": PAD}, indent=2))
+
+
+def _scale(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(mean, std) of the random init for one tensor: keeps activations O(1) through random layers."""
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight") \
+            or name.endswith("layernorm.weight"):
+        return 1.0, 0.1
+    if name.endswith("norm.bias") or name.endswith("norm1.bias") or name.endswith("norm2.bias"):
+        return 0.0, 0.02
+    if name.endswith("e_score_correction_bias"):
+        return 0.0, 0.1
+    if name.endswith(".bias"):
+        return 0.0, 0.02
+    if name.endswith("embed_tokens.weight") or name in ("image_newline", "view_seperator") \
+            or name.endswith("latent"):
+        return 0.0, 1.0
+    if name.endswith("pos_embed"):
+        return 0.0, 0.5
+    if name.endswith("mlp.gate.weight") or name.endswith("lm_head.weight"):
+        return 0.0, 2.0 / math.sqrt(fan_in)  # peaked routing and logits, like a trained model
+    return 0.0, 1.0 / math.sqrt(fan_in)
+
+
+def random_chunks(config: VL2Config, dtype: str, seed: int) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, chunk) for every tensor in order; each tensor seeded from (seed, name), so any subset is
+    reproducible on its own."""
+    for name, shape in config.tensor_shapes().items():
+        mean, std = _scale(name, shape)
+        rng = np.random.Generator(np.random.PCG64([seed, zlib.crc32(name.encode())]))
+        rows = shape[0] if shape else 1
+        per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        step = max(1, CHUNK_ELEMENTS // per_row)
+        for r in range(0, rows, step):
+            n = min(step, rows - r) * per_row
+            x = rng.standard_normal(n, dtype=np.float32)
+            x *= np.float32(std)
+            x += np.float32(mean)
+            yield name, (f32_to_bf16(x) if dtype == "BF16" else x.astype(STORAGE[dtype], copy=False))
+
+
+def write_model(config: VL2Config | str, out, *, dtype: str = "float32", seed: int = 0,
+                max_shard_bytes: int | None = None, progress: bool = False) -> Path:
+    """Write a complete random-weight model directory; returns its path.
+
+    Checkpoints over 64 MiB are sharded like the official repos (8 GiB shards + index) unless
+    `max_shard_bytes` says otherwise.
+    """
+    if isinstance(config, str):
+        config = preset(config)
+    st = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config.to_dict()
+    cfg["torch_dtype"] = cfg["language_config"]["torch_dtype"] = dtype
+    cfg["language_config"] |= {"bos_token_id": 0, "eos_token_id": 1}  # the demo tokenizer's ids
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "processor_config.json").write_text(json.dumps(
+        {**PROCESSOR_CONFIG, "candidate_resolutions": config.candidate_resolutions,
+         "patch_size": config.vision_config.patch_size,
+         "downsample_ratio": config.projector_config.downsample_ratio}, indent=2))
+    write_tokenizer(out, min(config.language_config.vocab_size, 512))
+    specs = {k: (st, s) for k, s in config.tensor_shapes().items()}
+    total = sum(math.prod(s) for s in config.tensor_shapes().values()) * np.dtype(STORAGE[st]).itemsize
+    if max_shard_bytes is None and total > 64 * 2**20:
+        max_shard_bytes = 8 * 2**30
+    chunks = random_chunks(config, st, seed)
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}")
+
+        def counted(it):
+            for name, c in it:
+                yield name, c
+                bar.update(c.nbytes)
+        chunks = counted(chunks)
+    write_checkpoint(out, specs, chunks, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
+    if progress:
+        bar.close()
+    return out
+
+
+def sample_image(width: int = 640, height: int = 480):
+    """A deterministic picture with shapes and a caption, so the demo needs no downloaded image."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (235, 240, 248))
+    d = ImageDraw.Draw(img)
+    for i in range(0, height, 24):
+        d.line([(0, i), (width, i)], fill=(220, 226, 236))
+    d.ellipse([width * 0.08, height * 0.2, width * 0.38, height * 0.6], fill=(220, 40, 40), outline=(90, 0, 0))
+    d.rectangle([width * 0.5, height * 0.25, width * 0.9, height * 0.7], fill=(40, 110, 220), outline=(0, 30, 90))
+    d.polygon([(width * 0.2, height * 0.92), (width * 0.32, height * 0.68), (width * 0.44, height * 0.92)],
+              fill=(40, 170, 80))
+    d.text((width * 0.5, height * 0.8), "vl2edge demo: a red circle, a blue box", fill=(20, 20, 20))
+    return img
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m vl2edge.synthetic", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="test-mha", choices=PRESETS)
+    ap.add_argument("--out", required=True, help="model directory to write")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 for the official sizes (like the released files), float32 otherwise")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sample-image", metavar="PNG", help="also write the demo picture here")
+    a = ap.parse_args(argv)
+    dtype = a.dtype or ("float32" if a.preset.startswith("test-") else "bfloat16")
+    out = write_model(a.preset, a.out, dtype=dtype, seed=a.seed, progress=True)
+    if a.sample_image:
+        sample_image().save(a.sample_image)
+    print(f"wrote {a.preset} ({dtype}, random weights) to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Checkpoint I/O: lazy, memory-mapped safetensors reading and streaming writing, strict key checks.
+
+Reads a single `model.safetensors` or shards listed in `model.safetensors.index.json` without torch
+(numpy views over a copy-on-write memory map; bf16 is widened on request), validates every header
+against the file size so a truncated or corrupt file fails with a message instead of a crash, and
+writes checkpoints tensor by tensor (optionally chunk by chunk) so nothing large is held in memory.
+The safetensors format: 8-byte little-endian header length, a JSON header
+`{name: {dtype, shape, data_offsets}, "__metadata__": {...}}`, then the raw little-endian data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER = 100 * 2**20
+
+# safetensors dtype -> numpy storage dtype (bf16 and fp8 are stored as raw integers)
+STORAGE = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+    "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+}
+# user-facing names
+DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+               "int8": "I8", "uint8": "U8", "int32": "I32", "int64": "I64"}
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round to nearest even, as torch's .to(torch.bfloat16) does."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+
+
+class SafetensorsFile:
+    """One .safetensors file: header parsed and checked on open, data memory-mapped on first use."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{self.path} is truncated ({size} bytes): not a safetensors file")
+                (n,) = struct.unpack("<Q", head)
+                if n > min(MAX_HEADER, size - 8):
+                    raise CheckpointError(f"{self.path} is corrupt or truncated: header length {n} does not fit "
+                                          f"in a {size}-byte file")
+                header = json.loads(f.read(n).decode("utf-8"))
+        except OSError as e:
+            raise CheckpointError(f"cannot read {self.path}: {e.strerror or e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{self.path} is corrupt: its header is not valid JSON") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path} is corrupt: its header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        avail = size - self.data_start
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            try:
+                dtype, shape, (begin, end) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path} is corrupt: bad header entry for {name!r}") from None
+            if dtype not in STORAGE:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype!r}")
+            nbytes = math.prod(shape) * np.dtype(STORAGE[dtype]).itemsize
+            if not (0 <= begin <= end and end - begin == nbytes):
+                raise CheckpointError(f"{self.path} is corrupt: tensor {name!r} has {end - begin} bytes for shape "
+                                      f"{list(shape)} {dtype}")
+            if end > avail:
+                raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends at byte {self.data_start + end}"
+                                      f" but the file has {size} bytes (an interrupted download?)")
+            self.entries[name] = (dtype, shape, begin, end)
+        self._mm = None
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored tensor as a numpy view of the file (bf16/fp8 as raw unsigned integers)."""
+        if self._mm is None:
+            # copy-on-write: writable views (torch.from_numpy is happy), pages stay file-backed until written
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="c")
+        dtype, shape, begin, end = self.entries[name]
+        buf = self._mm[self.data_start + begin:self.data_start + end]
+        return buf.view(STORAGE[dtype]).reshape(shape)
+
+
+class Checkpoint:
+    """All weights of a model directory, read lazily. `numpy(name)` / `torch(name)` return one tensor."""
+
+    def __init__(self, files: dict[str, SafetensorsFile], where: dict[str, str], root: Path):
+        self.files, self.where, self.root = files, where, root
+
+    @classmethod
+    def open(cls, path) -> Checkpoint:
+        root = Path(path)
+        if root.is_file():
+            f = SafetensorsFile(root)
+            return cls({root.name: f}, {k: root.name for k in f.entries}, root.parent)
+        if not root.is_dir():
+            raise CheckpointError(f"no such model directory: {root}")
+        index = root / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+                raise CheckpointError(f"{index} is corrupt: expected a JSON object with a 'weight_map'") from None
+            missing = sorted({s for s in weight_map.values() if not (root / s).is_file()})
+            if missing:
+                raise CheckpointError(f"{root}: shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing)}")
+            files = {s: SafetensorsFile(root / s) for s in sorted(set(weight_map.values()))}
+            for name, shard in weight_map.items():
+                if name not in files[shard].entries:
+                    raise CheckpointError(f"{root}: {INDEX_NAME} puts {name!r} in {shard}, which does not hold it")
+            return cls(files, dict(weight_map), root)
+        single = root / SINGLE_NAME
+        if single.is_file():
+            f = SafetensorsFile(single)
+            return cls({SINGLE_NAME: f}, {k: SINGLE_NAME for k in f.entries}, root)
+        found = sorted(p.name for p in root.glob("*.safetensors"))
+        hint = f" (found {', '.join(found)} but no {INDEX_NAME})" if found else ""
+        raise CheckpointError(f"{root} holds no weights: expected {SINGLE_NAME} or {INDEX_NAME}{hint}")
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def _entry(self, name: str) -> tuple[SafetensorsFile, tuple]:
+        try:
+            f = self.files[self.where[name]]
+        except KeyError:
+            raise CheckpointError(f"{self.root}: no tensor named {name!r}") from None
+        return f, f.entries[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name)[1][1]
+
+    def dtype(self, name: str) -> str:
+        return self._entry(name)[1][0]
+
+    def nbytes(self) -> int:
+        return sum(e[3] - e[2] for f in self.files.values() for e in f.entries.values())
+
+    @property
+    def metadata(self) -> dict:
+        return next(iter(self.files.values())).metadata if self.files else {}
+
+    def numpy(self, name: str, dtype=None) -> np.ndarray:
+        """One tensor as numpy; bf16 is widened to float32 (numpy has no bf16) unless dtype says otherwise."""
+        f, (st, *_) = self._entry(name)
+        raw = f.raw(name)
+        x = bf16_to_f32(raw) if st == "BF16" else raw
+        return x if dtype is None else x.astype(dtype, copy=False)
+
+    def torch(self, name: str, dtype=None, device=None):
+        """One tensor as torch, zero-copy over the memory map when no conversion is asked for."""
+        import torch
+
+        f, (st, *_) = self._entry(name)
+        raw = f.raw(name)
+        t = torch.from_numpy(raw)
+        if st == "BF16":
+            t = t.view(torch.bfloat16)
+        elif st.startswith("F8_"):
+            t = t.view(torch.float8_e4m3fn if st == "F8_E4M3" else torch.float8_e5m2)
+        return t.to(device=device, dtype=dtype)
+
+    def check_keys(self, expected: Iterable[str], what: str = "the model") -> None:
+        """The key set must equal `expected`; the error names what is missing and what is unexpected."""
+        expected, have = set(expected), set(self.where)
+        if expected == have:
+            return
+        missing, extra = sorted(expected - have), sorted(have - expected)
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:5])})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:5])})")
+        raise CheckpointError(f"{self.root}: the checkpoint does not match {what}: {'; '.join(parts)}")
+
+    def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
+        bad = [f"{k}: file {list(self.shape(k))} vs config {list(v)}" for k, v in expected.items()
+               if k in self.where and tuple(self.shape(k)) != tuple(v)]
+        if bad:
+            raise CheckpointError(f"{self.root}: {len(bad)} tensor shape(s) disagree with config.json: "
+                                  + "; ".join(bad[:5]))
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+
+class SafetensorsWriter:
+    """Stream tensors into one file: the header is written first from the specs, data follows in order.
+
+    `write(name, chunk)` may be called several times per tensor (row chunks, C order); `close()`
+    checks that every byte promised by the header arrived.
+    """
+
+    def __init__(self, path, specs: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header, off = {}, 0
+        for name, (dtype, shape) in specs.items():
+            n = math.prod(shape) * np.dtype(STORAGE[dtype]).itemsize
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
+        self.specs, self.ends, self.total = specs, {k: v["data_offsets"][1] for k, v in header.items()
+                                                    if k != "__metadata__"}, off
+        self._order, self._pos = iter(specs), 0
+        self._current = None
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)) + blob)
+
+    def write(self, name: str, chunk: np.ndarray) -> None:
+        dtype = self.specs[name][0]
+        if name != self._current:
+            if self._current is not None and self._pos != self.ends[self._current]:
+                raise CheckpointError(f"{self.path}: tensor {self._current!r} is incomplete")
+            expected = next(self._order, None)
+            if name != expected:
+                raise CheckpointError(f"{self.path}: tensors must be written in header order "
+                                      f"(expected {expected!r}, got {name!r})")
+            self._current = name
+        data = np.ascontiguousarray(chunk, dtype=STORAGE[dtype]).tobytes()
+        if self._pos + len(data) > self.ends[name]:
+            raise CheckpointError(f"{self.path}: too much data for tensor {name!r}")
+        self._f.write(data)
+        self._pos += len(data)
+
+    def close(self) -> None:
+        self._f.close()
+        if self._pos != self.total:
+            raise CheckpointError(f"{self.path}: wrote {self._pos} of {self.total} data bytes")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()
+
+
+def plan_shards(specs: dict[str, tuple[str, tuple[int, ...]]], max_shard_bytes: int) -> list[list[str]]:
+    """Split tensors (in order) into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
+    shards, cur, size = [], [], 0
+    for name, (dtype, shape) in specs.items():
+        n = math.prod(shape) * np.dtype(STORAGE[dtype]).itemsize
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += n
+    return [*shards, cur] if cur else shards
+
+
+def write_checkpoint(root, specs: dict[str, tuple[str, tuple[int, ...]]],
+                     chunks: Iterable[tuple[str, np.ndarray]], *, max_shard_bytes: int | None = None,
+                     metadata: dict[str, str] | None = None) -> list[Path]:
+    """Write `chunks` ((name, array) in spec order, several per tensor allowed) as a model checkpoint.
+
+    With `max_shard_bytes`, writes official-style shards `model-00001-of-00000N.safetensors` and the
+    index; otherwise one `model.safetensors`. Returns the files written.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if max_shard_bytes is None:
+        groups, names = [list(specs)], [SINGLE_NAME]
+    else:
+        groups = plan_shards(specs, max_shard_bytes)
+        names = [f"model-{i + 1:05d}-of-{len(groups):06d}.safetensors" for i in range(len(groups))]
+    shard_of = {t: i for i, g in enumerate(groups) for t in g}
+    writers = [None] * len(groups)
+    it: Iterator = iter(chunks)
+    try:
+        for name, chunk in it:
+            i = shard_of[name]
+            if writers[i] is None:
+                if i > 0 and writers[i - 1] is not None:
+                    writers[i - 1].close()
+                writers[i] = SafetensorsWriter(root / names[i], {t: specs[t] for t in groups[i]}, metadata)
+            writers[i].write(name, chunk)
+        if any(w is None for w in writers):
+            raise CheckpointError(f"{root}: not every shard received data")
+        writers[-1].close()
+    finally:
+        for w in writers:
+            if w is not None and not w._f.closed:
+                w._f.close()
+    if max_shard_bytes is not None:
+        total = sum(math.prod(s) * np.dtype(STORAGE[d]).itemsize for d, s in specs.values())
+        index = {"metadata": {"total_size": total}, "weight_map": {t: names[shard_of[t]] for t in specs}}
+        (root / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        return [root / n for n in names] + [root / INDEX_NAME]
+    return [root / SINGLE_NAME]
+
+
+def disk_size(path) -> int:
+    p = Path(path)
+    return sum(os.path.getsize(f) for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
