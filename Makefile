@@ -26,6 +26,13 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -m ""
 
+# The whole pipeline on a tiny random-weight model the project writes itself: the answer is noise.
+demo: install $(DEMO)/config.json
+	$(VENV)/bin/vl2edge run --model $(DEMO) --image models/demo.png --prompt "Describe this image." --max-new-tokens 48
+
+$(DEMO)/config.json: | install
+	$(PY) -m vl2edge.synthetic --preset test-mha --out $(DEMO) --sample-image models/demo.png
+
 lint: install
 	$(PY) -m ruff check vl2edge quant export tests bench
 

@@ -1,7 +1,7 @@
 """Access to the golden reference fixtures in tests/fixtures/ref/ (see make_lean_copy.py)."""
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ def conversation(case: str) -> tuple[list[dict], list[Path]]:
     return conv, images
 
 
-@lru_cache(maxsize=None)
+@cache
 def processor_outputs(case: str) -> dict[str, np.ndarray]:
     """The reference processor's tensors; `images` rebuilt from uint8 exactly as the fixture README says."""
     d = dict(np.load(REF / "inputs" / case / "processor.npz"))
@@ -34,7 +34,7 @@ def processor_outputs(case: str) -> dict[str, np.ndarray]:
     return d
 
 
-@lru_cache(maxsize=None)
+@cache
 def expected(variant: str, case: str) -> dict[str, np.ndarray]:
     return dict(np.load(REF / variant / "cases" / case / "expected.npz"))
 

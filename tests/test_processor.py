@@ -59,7 +59,8 @@ def test_three_images_turn_tiling_off(proc):
 
 def test_pad_colour_is_127(proc):
     out = proc([{"role": "user", "content": "<image>"}], [Image.new("RGB", (384, 100), (255, 255, 255))])
-    assert out.images[0, 0, :, 0, 0].tolist() == [(np.float32(127) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)] * 3
+    pad = (np.float32(127) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+    assert out.images[0, 0, :, 0, 0].tolist() == [pad] * 3
     assert out.images[0, 0, :, 192, 192].tolist() == [1.0] * 3
 
 

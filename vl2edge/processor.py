@@ -157,7 +157,7 @@ class Processor:
             raise ConfigError(f"{root / 'processor_config.json'} is not valid JSON: {e}") from None
         try:
             tok = Tokenizer.from_file(str(root / "tokenizer.json"))
-        except Exception as e:  # the tokenizers library raises a bare Exception on bad files
+        except Exception as e:
             raise ConfigError(f"{root / 'tokenizer.json'} cannot be loaded: {e}") from None
         names = {}
         for f in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers

@@ -80,21 +80,19 @@ def write_tokenizer(out: Path, vocab_size: int = 512) -> None:
 def _scale(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
     """(mean, std) of the random init for one tensor: keeps activations O(1) through random layers."""
     fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
-    if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight") \
-            or name.endswith("layernorm.weight"):
+    if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layernorm.weight")):
         return 1.0, 0.1
-    if name.endswith("norm.bias") or name.endswith("norm1.bias") or name.endswith("norm2.bias"):
+    if name.endswith(("norm.bias", "norm1.bias", "norm2.bias")):
         return 0.0, 0.02
     if name.endswith("e_score_correction_bias"):
         return 0.0, 0.1
     if name.endswith(".bias"):
         return 0.0, 0.02
-    if name.endswith("embed_tokens.weight") or name in ("image_newline", "view_seperator") \
-            or name.endswith("latent"):
+    if name.endswith(("embed_tokens.weight", "latent")) or name in ("image_newline", "view_seperator"):
         return 0.0, 1.0
     if name.endswith("pos_embed"):
         return 0.0, 0.5
-    if name.endswith("mlp.gate.weight") or name.endswith("lm_head.weight"):
+    if name.endswith(("mlp.gate.weight", "lm_head.weight")):
         return 0.0, 2.0 / math.sqrt(fan_in)  # peaked routing and logits, like a trained model
     return 0.0, 1.0 / math.sqrt(fan_in)
 

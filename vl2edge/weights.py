@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -88,16 +89,31 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends at byte {self.data_start + end}"
                                       f" but the file has {size} bytes (an interrupted download?)")
             self.entries[name] = (dtype, shape, begin, end)
-        self._mm = None
+        self._mm = self._buf = None
 
     def raw(self, name: str) -> np.ndarray:
         """The stored tensor as a numpy view of the file (bf16/fp8 as raw unsigned integers)."""
         if self._mm is None:
             # copy-on-write: writable views (torch.from_numpy is happy), pages stay file-backed until written
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="c")
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._buf = np.frombuffer(self._mm, dtype=np.uint8)
         dtype, shape, begin, end = self.entries[name]
-        buf = self._mm[self.data_start + begin:self.data_start + end]
+        buf = self._buf[self.data_start + begin:self.data_start + end]
         return buf.view(STORAGE[dtype]).reshape(shape)
+
+    def release(self, name: str) -> None:
+        """Drop the resident pages of a tensor that was copied out (dtype conversion, stacking), so a
+        checkpoint read into another dtype never sits in memory twice. Safe: nothing writes to the map,
+        so a later access re-reads the same bytes from the file."""
+        if self._mm is None or not hasattr(self._mm, "madvise"):
+            return
+        _, _, begin, end = self.entries[name]
+        page = mmap.PAGESIZE
+        lo = (self.data_start + begin) // page * page
+        hi = min(-(-(self.data_start + end) // page) * page, len(self._mm))
+        if hi > lo:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 class Checkpoint:
@@ -168,20 +184,34 @@ class Checkpoint:
         f, (st, *_) = self._entry(name)
         raw = f.raw(name)
         x = bf16_to_f32(raw) if st == "BF16" else raw
-        return x if dtype is None else x.astype(dtype, copy=False)
+        x = x if dtype is None else x.astype(dtype, copy=False)
+        if not np.shares_memory(x, raw):
+            f.release(name)
+        return x
 
     def torch(self, name: str, dtype=None, device=None):
         """One tensor as torch, zero-copy over the memory map when no conversion is asked for."""
+        t = self._torch_view(name)
+        out = t.to(device=device, dtype=dtype)
+        if out.data_ptr() != t.data_ptr():
+            self._entry(name)[0].release(name)
+        return out
+
+    def copy_into(self, name: str, dst) -> None:
+        """dst.copy_(tensor) without leaving the source pages resident."""
+        dst.copy_(self._torch_view(name))
+        self._entry(name)[0].release(name)
+
+    def _torch_view(self, name: str):
         import torch
 
         f, (st, *_) = self._entry(name)
-        raw = f.raw(name)
-        t = torch.from_numpy(raw)
+        t = torch.from_numpy(f.raw(name))
         if st == "BF16":
             t = t.view(torch.bfloat16)
         elif st.startswith("F8_"):
             t = t.view(torch.float8_e4m3fn if st == "F8_E4M3" else torch.float8_e5m2)
-        return t.to(device=device, dtype=dtype)
+        return t
 
     def check_keys(self, expected: Iterable[str], what: str = "the model") -> None:
         """The key set must equal `expected`; the error names what is missing and what is unexpected."""

@@ -1,0 +1,97 @@
+"""PyTorch backend on the CPU: time to first token for a 384x384 image, decode tokens/s, peak RSS.
+
+    .venv/bin/python bench/cpu_torch.py [--model models/syn-deepseek-vl2-tiny] [--runs 3] [--new-tokens 32]
+
+Uses a full-size random-weight DeepSeek-VL2-Tiny in bf16 (written once into models/ if missing). Each
+dtype runs in its own process so peak RSS is its own. Medians over --runs. Random weights never
+stop early: eos is ignored so every run decodes --new-tokens tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def worker(model_dir: str, dtype: str, runs: int, new_tokens: int) -> dict:
+    import torch
+
+    from vl2edge.generate import prefill
+    from vl2edge.model import VL2Model
+    from vl2edge.processor import Processor
+    from vl2edge.synthetic import sample_image
+
+    t0 = time.perf_counter()
+    model = VL2Model.from_pretrained(model_dir, dtype=dtype, device="cpu")
+    proc = Processor.from_pretrained(model_dir)
+    load_s = time.perf_counter() - t0
+    image = sample_image().resize((384, 384))
+    conv = [{"role": "<|User|>", "content": "<image>\nDescribe this image."}, {"role": "<|Assistant|>", "content": ""}]
+    ttft, vision, tok_s = [], [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        inp = proc(conv, [image])
+        embeds = model.embed(inp.input_ids, inp.images, inp.images_seq_mask, inp.images_spatial_crop)
+        t1 = time.perf_counter()
+        cache = model.new_cache(1, inp.input_ids.shape[1] + new_tokens)
+        tok = prefill(model, embeds, inp.attention_mask, cache).argmax(-1)
+        t2 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            tok = model.decode(tok, cache).argmax(-1)
+        t3 = time.perf_counter()
+        ttft.append(t2 - t0)
+        vision.append(t1 - t0)
+        tok_s.append((new_tokens - 1) / (t3 - t2))
+    return {"dtype": dtype, "load_s": round(load_s, 1), "prompt_tokens": int(inp.input_ids.shape[1]),
+            "ttft_s": round(statistics.median(ttft), 3), "vision_s": round(statistics.median(vision), 3),
+            "decode_tok_s": round(statistics.median(tok_s), 2), "runs": runs, "new_tokens": new_tokens,
+            "threads": torch.get_num_threads(),
+            "peak_rss_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
+            "all_ttft_s": [round(x, 3) for x in ttft], "all_tok_s": [round(x, 2) for x in tok_s]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(ROOT / "models" / "syn-deepseek-vl2-tiny"))
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--worker", metavar="DTYPE")
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.model, a.worker, a.runs, a.new_tokens)))
+        return
+    if not (Path(a.model) / "config.json").is_file():
+        from vl2edge.synthetic import write_model
+
+        write_model("deepseek-vl2-tiny", a.model, dtype="bfloat16", progress=True)
+    rows = []
+    for dtype in a.dtypes.split(","):
+        r = subprocess.run([sys.executable, __file__, "--model", a.model, "--worker", dtype, "--runs", str(a.runs),
+                            "--new-tokens", str(a.new_tokens)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    machine = platform.processor() or platform.machine()
+    print(f"\nPyTorch CPU, full-size random DeepSeek-VL2-Tiny, 384x384 image, {machine}, {time.strftime('%Y-%m-%d')}")
+    print("| dtype | load s | prompt tok | TTFT s (median) | of which vision+embed s | decode tok/s (median) | "
+          "peak RSS GB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['dtype']} | {r['load_s']} | {r['prompt_tokens']} | {r['ttft_s']} | {r['vision_s']} | "
+              f"{r['decode_tok_s']} | {r['peak_rss_GB']} |")
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cpu_torch.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

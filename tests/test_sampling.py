@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+
+from vl2edge.errors import InputError
+from vl2edge.sampling import SamplingParams, apply_repetition_penalty, sample, top_p_filter
+
+
+def test_greedy_is_argmax():
+    logits = np.array([[0.1, 3.0, -1.0], [5.0, 4.0, 4.9]], np.float32)
+    assert sample(logits, SamplingParams(), np.random.default_rng(0)).tolist() == [1, 0]
+
+
+def test_repetition_penalty_changes_greedy_choice():
+    logits = np.array([[2.0, 1.9, -1.0]], np.float32)
+    pen = apply_repetition_penalty(logits, [np.array([0, 2, 2])], 1.1)
+    assert pen[0].tolist() == pytest.approx([2.0 / 1.1, 1.9, -1.1])
+    assert sample(logits, SamplingParams(repetition_penalty=1.1), np.random.default_rng(0),
+                  [np.array([0])]).tolist() == [1]
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    p = np.array([[0.5, 0.3, 0.15, 0.05]])
+    out = top_p_filter(np.log(p), 0.75)
+    assert np.isfinite(out[0]).tolist() == [True, True, False, False]
+    assert np.isfinite(top_p_filter(np.log(p), 0.01)[0]).tolist() == [True, False, False, False]
+
+
+def test_sampling_is_seeded_and_follows_the_distribution():
+    logits = np.log(np.array([[0.6, 0.3, 0.1]]))
+    params = SamplingParams(temperature=1.0)
+    a = [int(sample(logits, params, np.random.default_rng(7))[0]) for _ in range(3)]
+    assert len(set(a)) == 1
+    rng = np.random.default_rng(1)
+    counts = np.bincount([int(sample(logits, params, rng)[0]) for _ in range(4000)], minlength=3) / 4000
+    assert np.allclose(counts, [0.6, 0.3, 0.1], atol=0.03)
+    # low temperature concentrates on the mode
+    cold = [int(sample(logits, SamplingParams(temperature=0.05), rng)[0]) for _ in range(200)]
+    assert cold.count(0) == 200
+
+
+@pytest.mark.parametrize("kw", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"repetition_penalty": 0}])
+def test_bad_parameters(kw):
+    with pytest.raises(InputError):
+        SamplingParams(**kw)

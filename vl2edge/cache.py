@@ -1,0 +1,73 @@
+"""Preallocated KV cache, created by the generation loop and written at explicit positions.
+
+MHA (Tiny) caches rotated keys and values per layer, [B, KV, S, hd] each. MLA (Small/Base) caches
+one latent per layer, [B, S, kv_lora_rank + qk_rope_head_dim]: the normalised compressed KV followed
+by the rotated shared rope key (what the reference's cache holds, in one tensor). `key_mask` [B, S]
+marks which cached positions are real tokens (left padding is not), and `positions` [B] is the next
+RoPE position of each row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import LanguageConfig
+
+
+class KVCache:
+    def __init__(self, config: LanguageConfig, batch: int, max_len: int, dtype, device=None):
+        L = config.num_hidden_layers
+        self.max_len, self.length = max_len, 0
+        if config.use_mla:
+            width = config.kv_lora_rank + config.qk_rope_head_dim
+            self.latent = torch.zeros(L, batch, max_len, width, dtype=dtype, device=device)
+            self.k = self.v = None
+        else:
+            shape = (L, batch, config.num_key_value_heads, max_len, config.head_dim)
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+            self.latent = None
+        self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @property
+    def batch(self) -> int:
+        return self.key_mask.shape[0]
+
+    def begin(self, attention_mask: torch.Tensor | None, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reserve T new positions: returns (position_ids [B,T], attention mask [B,1,T,S]).
+
+        Padded query rows may attend to themselves only, so no softmax row is empty.
+        """
+        B, start, end = self.batch, self.length, self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=self.key_mask.device)
+        am = attention_mask.to(device=self.key_mask.device, dtype=torch.bool)
+        self.key_mask[:, start:end] = am
+        # RoPE positions count real tokens only (cumsum - 1), as the reference's generate does
+        pos = self.positions[:, None] + am.long().cumsum(-1) - 1
+        pos = pos.clamp(min=0)
+        self.positions += am.long().sum(-1)
+        q = torch.arange(start, end, device=am.device)
+        s = torch.arange(end, device=am.device)
+        allowed = (s[None, :] <= q[:, None]) & self.key_mask[:, None, :end]   # [B, T, S]
+        allowed |= s[None, :] == q[:, None]
+        return pos, allowed[:, None]
+
+    def commit(self, T: int) -> None:
+        self.length += T
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MHA: store k, v [B, KV, T, hd] at the open positions; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def write_latent(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
+        """MLA: store latent [B, T, C] at the open positions; return all latents so far [B, S, C]."""
+        start, end = self.length, self.length + latent.shape[1]
+        self.latent[layer, :, start:end] = latent
+        return self.latent[layer, :, :end]

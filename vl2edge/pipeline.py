@@ -1,0 +1,134 @@
+"""`load()` -> Pipeline: processor + decoder backend + generation + text; what the CLI and server use.
+
+    pipe = vl2edge.load("deepseek-ai/deepseek-vl2-tiny")          # or a local directory
+    res = pipe.chat([{"role": "user", "content": "<image>\\nWhat is written here?"}], images=["sign.jpg"])
+    res.text, res.token_ids, res.timings
+    for piece in pipe.stream(messages, images): print(piece, end="")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError
+from .generate import DEFAULT_CHUNK, generate
+from .processor import Processor
+from .sampling import SamplingParams
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]          # the new tokens only (an eos that ended the answer included)
+    finish_reason: str            # "stop" (eos) or "length"
+    prompt_tokens: int
+    timings: dict = field(default_factory=dict)
+    image_sizes: list = field(default_factory=list)  # original (w, h) of each image, for grounding boxes
+
+
+class TextStream:
+    """Incremental detokenization: text pieces as soon as they are whole characters."""
+
+    def __init__(self, decode):
+        self.decode, self.ids, self.prefix, self.read = decode, [], 0, 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.decode(self.ids[self.prefix:self.read])
+        now = self.decode(self.ids[self.prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        before = self.decode(self.ids[self.prefix:self.read])
+        now = self.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):]
+
+
+class Generation:
+    """One answer in progress: iterate for text pieces; `.result` once exhausted."""
+
+    def __init__(self, pipe: Pipeline, messages, images, max_new_tokens, temperature, top_p,
+                 repetition_penalty, seed, chunk_size):
+        self.pipe, self.result = pipe, None
+        self._args = (messages, images, max_new_tokens, SamplingParams(temperature, top_p, repetition_penalty),
+                      seed, chunk_size)
+
+    def __iter__(self) -> Iterator[str]:
+        messages, images, max_new, params, seed, chunk = self._args
+        pipe, t0 = self.pipe, time.perf_counter()
+        inputs = pipe.processor(messages, images)
+        T, limit = inputs.input_ids.shape[1], pipe.context_length
+        if limit <= T:
+            raise InputError(f"the prompt is {T} tokens (images included) but the model's context is {limit}; "
+                             "use fewer or smaller images or a shorter conversation")
+        max_new = min(max_new, limit - T)
+        embeds = pipe.backend.embed(inputs.input_ids, inputs.images, inputs.images_seq_mask,
+                                    inputs.images_spatial_crop)
+        t_embed = time.perf_counter()
+        stream, ids, first = TextStream(pipe.processor.decode), [], None
+        eos = pipe.processor.eos_id
+        for tok in generate(pipe.backend, embeds, inputs.attention_mask, max_new_tokens=max_new, eos_id=eos,
+                            params=params, rng=np.random.default_rng(seed), prompt_ids=inputs.input_ids,
+                            chunk_size=chunk):
+            first = first or time.perf_counter()
+            t = int(tok[0])
+            ids.append(t)
+            if t == eos:
+                break
+            piece = stream.push(t)
+            if piece:
+                yield piece
+        tail = stream.flush()
+        if tail:
+            yield tail
+        end = time.perf_counter()
+        n = len(ids)
+        self.result = Result(
+            text=pipe.processor.decode([i for i in ids if i != eos]),
+            token_ids=ids, finish_reason="stop" if ids and ids[-1] == eos else "length", prompt_tokens=T,
+            image_sizes=inputs.image_sizes[0],
+            timings={"embed_s": t_embed - t0, "ttft_s": (first or end) - t0, "total_s": end - t0,
+                     "new_tokens": n, "decode_tok_s": (n - 1) / (end - first) if first and n > 1 else None})
+
+
+class Pipeline:
+    def __init__(self, processor: Processor, backend, context_length: int, name: str = ""):
+        self.processor, self.backend, self.context_length, self.name = processor, backend, context_length, name
+
+    def generation(self, messages, images=None, *, max_new_tokens: int = 512, temperature: float = 0.0,
+                   top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                   chunk_size: int = DEFAULT_CHUNK) -> Generation:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        return Generation(self, messages, images, max_new_tokens, temperature, top_p, repetition_penalty, seed,
+                          chunk_size)
+
+    def stream(self, messages, images=None, **kw) -> Iterator[str]:
+        """Text pieces of the answer as they are decoded."""
+        yield from self.generation(messages, images, **kw)
+
+    def chat(self, messages, images=None, **kw) -> Result:
+        """The whole answer. temperature=0 (the default) is greedy."""
+        g = self.generation(messages, images, **kw)
+        for _ in g:
+            pass
+        return g.result
+
+
+def load(path_or_id, device: str = "auto", dtype: str = "auto") -> Pipeline:
+    """A ready pipeline for a model directory or Hugging Face id (PyTorch backend)."""
+    from .hub import resolve
+    from .model import VL2Model
+
+    path = resolve(path_or_id)
+    model = VL2Model.from_pretrained(path, dtype=dtype, device=device)
+    return Pipeline(Processor.from_pretrained(path), model,
+                    model.config.language_config.max_position_embeddings, name=str(path_or_id))

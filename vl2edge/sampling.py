@@ -1,0 +1,68 @@
+"""Next-token choice from float32 logits [B, V] with an explicit `numpy.random.Generator`.
+
+The order is the Hugging Face one the reference's `generate` uses: repetition penalty (also under
+greedy), then temperature, then top-p (nucleus, keeping at least one token). temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if not (self.temperature >= 0):
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (self.repetition_penalty > 0):
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: list[np.ndarray], penalty: float) -> np.ndarray:
+    """Divide positive / multiply negative logits of every token already in the row's history."""
+    out = logits.copy()
+    for b, ids in enumerate(seen):
+        ids = np.unique(ids)
+        v = out[b, ids]
+        out[b, ids] = np.where(v < 0, v * penalty, v / penalty)
+    return out
+
+
+def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """Set to -inf the tokens outside the smallest set whose probability reaches top_p."""
+    order = np.argsort(logits, axis=-1, kind="stable")                     # ascending
+    srt = np.take_along_axis(logits, order, axis=-1)
+    p = np.exp(srt - srt[:, -1:])
+    cum = np.cumsum(p / p.sum(-1, keepdims=True), axis=-1)
+    drop = cum <= (1 - top_p)
+    drop[:, -1] = False
+    out = logits.copy()
+    np.put_along_axis(out, order, np.where(drop, -np.inf, srt), axis=-1)
+    return out
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+           seen: list[np.ndarray] | None = None) -> np.ndarray:
+    """One token id per row [B] (int64)."""
+    x = np.asarray(logits, dtype=np.float32)
+    if params.repetition_penalty != 1.0 and seen is not None:
+        x = apply_repetition_penalty(x, seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return x.argmax(-1).astype(np.int64)
+    x = x.astype(np.float64) / params.temperature
+    if params.top_p < 1.0:
+        x = top_p_filter(x, params.top_p)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    cdf = np.cumsum(p / p.sum(-1, keepdims=True), axis=-1)
+    u = rng.random(x.shape[0])
+    return np.minimum((cdf < u[:, None]).sum(-1), x.shape[1] - 1).astype(np.int64)
