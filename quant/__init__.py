@@ -1,3 +1,7 @@
-"""Offline quantizer (`python -m quant SRC DST --recipe NAME`): recipes, RTN/HQQ math, checkpoint
-conversion. Depends on `vl2edge`, never the reverse. Its code lands with the quantization issue (#4);
-until then this package is empty on purpose."""
+"""Offline quantizer: `python -m quant SRC DST --recipe NAME` streams a float DeepSeek-VL2 checkpoint
+into a quantized model directory. The format, math and recipes live in `vl2edge` (`qlinear`,
+`quantize`) because the runtime also quantizes while loading; this package is the conversion tool."""
+
+from .convert import convert
+
+__all__ = ["convert"]

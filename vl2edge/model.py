@@ -22,22 +22,29 @@ from .cache import KVCache
 from .config import ProjectorConfig, VL2Config
 from .errors import CheckpointError, InputError
 from .language import LanguageModel
+from .qlinear import QLinear, QuantExperts, QuantSpec
+from .quantize import MANIFEST, Recipe, base_name, packed_tensor_shapes, quantize, read_manifest
 from .vision import VisionTower
 from .weights import Checkpoint
 
-_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+QUANT_CHUNK = 1 << 22  # values quantized per step when quantizing while loading
+
+_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|qweight|scales|qzeros)")
 
 
 def checkpoint_name(name: str) -> tuple[str, int | None] | None:
-    """Checkpoint tensor -> (model parameter, row of a stacked parameter), or None if unused.
+    """Checkpoint tensor -> (model parameter or buffer, row of a stacked one), or None if unused.
 
-    The one rename: routed experts stack into `experts.{gate,up,down}_proj` [E, ...]; the vision
-    tower's `attn_pool` head (saved, never run by the reference) is not loaded.
+    The one rename: routed experts stack into `experts.{gate,up,down}_proj` [E, ...] (packed:
+    `experts.gate_proj.qweight` [E, ...]); the vision tower's `attn_pool` head (saved, never run by
+    the reference) is not loaded.
     """
     if name.startswith("vision.attn_pool."):
         return None
     m = _EXPERT.fullmatch(name)
-    return (f"{m[1]}.{m[3]}", int(m[2])) if m else (name, None)
+    if not m:
+        return name, None
+    return (f"{m[1]}.{m[3]}" if m[4] == "weight" else f"{m[1]}.{m[3]}.{m[4]}"), int(m[2])
 
 
 class Projector(nn.Module):
@@ -90,7 +97,14 @@ class VL2Model(nn.Module):
     # -- loading --------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, dtype="auto", device="auto") -> VL2Model:
+    def from_pretrained(cls, path, dtype="auto", device="auto", quant: str | Recipe | None = None,
+                        kernel: str = "auto") -> VL2Model:
+        """Load a float or quantized (`quantization.json`) model directory.
+
+        quant: a recipe name (`int4-experts`, `int8`, `int4`) or `Recipe` to quantize a float
+        checkpoint while loading, without writing files. kernel: force a quantized kernel
+        (`dequant`, `dense`, `int4pack`; default: per device, see `vl2edge.qlinear.kernel_for`).
+        """
         from .hub import resolve
 
         path = resolve(path)
@@ -99,39 +113,92 @@ class VL2Model(nn.Module):
         dtype = resolve_dtype(dtype, device)
         ck = Checkpoint.open(path)
         shapes = config.tensor_shapes()
-        ck.check_keys(shapes, "config.json")
-        ck.check_shapes(shapes)
+        stored = read_manifest(path)
+        if stored is not None and quant is not None:
+            raise InputError(f"{path} is already quantized ({MANIFEST}); drop quant={quant!r}")
+        recipe = Recipe(quant) if isinstance(quant, str) else quant
+        specs = stored if stored is not None else (recipe.specs(shapes) if recipe else {})
+        expected = packed_tensor_shapes(shapes, stored) if stored else {k: (None, s) for k, s in shapes.items()}
+        ck.check_keys(expected, "config.json" + (f" and {MANIFEST}" if stored else ""))
+        ck.check_shapes({k: s for k, (_, s) in expected.items()})
         with torch.device("meta"):
             model = cls(config)
-        model.load_checkpoint(ck, dtype=dtype, device=device)
-        return model.eval()
-
-    def load_checkpoint(self, ck: Checkpoint, dtype, device) -> None:
-        params = dict(self.named_parameters())
-        stacks: dict[str, torch.Tensor] = {}
+            model._swap_quantized(specs)
+        model.load_checkpoint(ck, dtype=dtype, device=device, quantize_specs=None if stored else specs)
+        sources: dict[str, list[str]] = {}  # module -> checkpoint tensors it was loaded from
         for name in ck.where:
             target = checkpoint_name(name)
-            if target is None:
-                continue
-            pname, row = target
-            if pname not in params:
-                raise CheckpointError(f"{ck.root}: tensor {name!r} has no place in the model")
-            if row is None:
-                self._assign(pname, ck.torch(name, dtype=dtype, device=device))
-            else:
-                if pname not in stacks:
-                    stacks[pname] = torch.empty(params[pname].shape, dtype=dtype, device=device)
-                ck.copy_into(name, stacks[pname][row])
-        for pname, t in stacks.items():
-            self._assign(pname, t)
-        left = [n for n, p in self.named_parameters() if p.is_meta]
-        if left:
-            raise CheckpointError(f"{ck.root}: no weights for {len(left)} parameter(s), e.g. {left[:3]}")
+            if target:
+                sources.setdefault(target[0].rpartition(".")[0], []).append(name)
+        for mname, m in model.named_modules():
+            if isinstance(m, (QLinear, QuantExperts)):
+                m.prepare(dtype, kernel)
+                if stored and m.kernel != "dequant":  # re-laid out: the mapped packed pages are not read again
+                    for sub in [mname, *(f"{mname}.{c}" for c, _ in m.named_children())]:
+                        for name in sources.get(sub, []):
+                            ck.release(name)
+        return model.eval()
 
-    def _assign(self, pname: str, t: torch.Tensor) -> None:
+    def _swap_quantized(self, specs: dict[str, QuantSpec]) -> None:
+        """Replace the Linear / expert modules named in `specs` by their quantized drop-ins (same calls)."""
+        for name, spec in specs.items():
+            m = re.fullmatch(r"(.*\.mlp)\.experts\.\d+\.\w+\.weight", name)
+            if m:
+                moe = self.get_submodule(m[1])
+                if isinstance(moe.experts, QuantExperts):
+                    if moe.experts.spec != spec:
+                        raise CheckpointError(f"{name}: every expert of a layer must share one quantization spec")
+                    continue
+                e = moe.experts
+                moe.experts = QuantExperts(e.n_experts, e.gate_proj.shape[2], e.gate_proj.shape[1], spec)
+            else:
+                parent, _, leaf = base_name(name).rpartition(".")
+                lin = getattr(self.get_submodule(parent), leaf)
+                # MLA's absorbed attention reads kv_b_proj's weight as a matrix
+                setattr(self.get_submodule(parent), leaf, QLinear(lin.in_features, lin.out_features, spec,
+                                                                  bias=lin.bias is not None,
+                                                                  needs_weight=leaf == "kv_b_proj"))
+
+    def load_checkpoint(self, ck: Checkpoint, dtype, device, quantize_specs: dict | None = None) -> None:
+        """Assign every checkpoint tensor to its place; float tensors named in `quantize_specs` are
+        quantized on the way (row chunks), so only their packed form is ever held."""
+        state = dict(self.named_parameters()) | dict(self.named_buffers())
+        buffers = {n for n, _ in self.named_buffers()}
+        stacks: dict[str, torch.Tensor] = {}
+        for name in ck.where:
+            spec = (quantize_specs or {}).get(name)
+            items = _quantized_items(ck, name, spec) if spec else [(name, None)]
+            for tname, tensor in items:
+                target = checkpoint_name(tname)
+                if target is None:
+                    continue
+                pname, row = target
+                if pname not in state:
+                    raise CheckpointError(f"{ck.root}: tensor {tname!r} has no place in the model")
+                tdtype = state[pname].dtype if pname in buffers else dtype
+                if row is None:
+                    t = ck.torch(tname, dtype=tdtype, device=device) if tensor is None else tensor.to(device)
+                    self._assign(pname, t, buffer=pname in buffers)
+                    continue
+                if pname not in stacks:
+                    stacks[pname] = torch.empty(state[pname].shape, dtype=tdtype, device=device)
+                if tensor is None:
+                    ck.copy_into(tname, stacks[pname][row])
+                else:
+                    stacks[pname][row].copy_(tensor)
+        for pname, t in stacks.items():
+            self._assign(pname, t, buffer=pname in buffers)
+        left = [n for n, p in list(self.named_parameters()) + list(self.named_buffers()) if p.is_meta]
+        if left:
+            raise CheckpointError(f"{ck.root}: no weights for {len(left)} tensor(s), e.g. {left[:3]}")
+
+    def _assign(self, pname: str, t: torch.Tensor, buffer: bool = False) -> None:
         mod_name, _, leaf = pname.rpartition(".")
         mod = self.get_submodule(mod_name) if mod_name else self
-        setattr(mod, leaf, nn.Parameter(t, requires_grad=False))
+        if buffer:
+            mod._buffers[leaf] = t
+        else:
+            setattr(mod, leaf, nn.Parameter(t, requires_grad=False))
 
     # -- images -> token embeddings ---------------------------------------------------------------------
 
@@ -216,6 +283,16 @@ class VL2Model(nn.Module):
         """Feed one token per row [B]; float32 logits of the next position [B, V]."""
         ids = _tensor(np.asarray(token_ids, dtype=np.int64).reshape(-1, 1), device=self.device)
         return self.language(self.language.embed(ids), cache, None, last_only=True).cpu().numpy()
+
+
+def _quantized_items(ck: Checkpoint, name: str, spec: QuantSpec) -> list[tuple[str, torch.Tensor]]:
+    """Quantize one float checkpoint tensor in row chunks -> [(packed tensor name, tensor)]."""
+    N, K = ck.shape(name)
+    rows = max(1, QUANT_CHUNK // K)
+    parts = [quantize(ck.numpy(name, np.float32, rows=slice(r, r + rows)), spec) for r in range(0, N, rows)]
+    ck.files[ck.where[name]].release(name)
+    return [(f"{base_name(name)}.{k}", torch.from_numpy(np.concatenate([p[k] for p in parts])))
+            for k in parts[0]]
 
 
 def resolve_device(device) -> torch.device:

@@ -123,12 +123,16 @@ class Pipeline:
         return g.result
 
 
-def load(path_or_id, device: str = "auto", dtype: str = "auto") -> Pipeline:
-    """A ready pipeline for a model directory or Hugging Face id (PyTorch backend)."""
+def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | None = None) -> Pipeline:
+    """A ready pipeline for a model directory or Hugging Face id (PyTorch backend).
+
+    A quantized directory (`python -m quant`) loads as such; `quant="int4-experts"` (or `int8`,
+    `int4`) quantizes a float checkpoint while loading, without writing files.
+    """
     from .hub import resolve
     from .model import VL2Model
 
     path = resolve(path_or_id)
-    model = VL2Model.from_pretrained(path, dtype=dtype, device=device)
+    model = VL2Model.from_pretrained(path, dtype=dtype, device=device, quant=quant)
     return Pipeline(Processor.from_pretrained(path), model,
                     model.config.language_config.max_position_embeddings, name=str(path_or_id))

@@ -179,13 +179,13 @@ class Checkpoint:
     def metadata(self) -> dict:
         return next(iter(self.files.values())).metadata if self.files else {}
 
-    def numpy(self, name: str, dtype=None) -> np.ndarray:
-        """One tensor as numpy; bf16 is widened to float32 (numpy has no bf16) unless dtype says otherwise."""
+    def numpy(self, name: str, dtype=None, rows: slice | None = None) -> np.ndarray:
+        """One tensor (or a slice of its rows) as numpy; bf16 is widened to float32 (numpy has no bf16)."""
         f, (st, *_) = self._entry(name)
-        raw = f.raw(name)
+        raw = f.raw(name) if rows is None else f.raw(name)[rows]
         x = bf16_to_f32(raw) if st == "BF16" else raw
         x = x if dtype is None else x.astype(dtype, copy=False)
-        if not np.shares_memory(x, raw):
+        if rows is None and not np.shares_memory(x, raw):
             f.release(name)
         return x
 
@@ -196,6 +196,10 @@ class Checkpoint:
         if out.data_ptr() != t.data_ptr():
             self._entry(name)[0].release(name)
         return out
+
+    def release(self, name: str) -> None:
+        """Drop the resident pages of a tensor nothing reads any more (see SafetensorsFile.release)."""
+        self._entry(name)[0].release(name)
 
     def copy_into(self, name: str, dst) -> None:
         """dst.copy_(tensor) without leaving the source pages resident."""
