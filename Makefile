@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 PILLOW ?= pillow==13.0.0
 DEMO   := models/demo-tiny
 
-.PHONY: install test test-all demo quantize lint clean
+.PHONY: install test test-all demo quantize export lint clean
 
 install: $(VENV)/.installed
 
@@ -33,11 +33,17 @@ demo: install $(DEMO)/config.json
 $(DEMO)/config.json: | install
 	$(PY) -m vl2edge.synthetic --preset test-mha --out $(DEMO) --sample-image models/demo.png
 
-# make quantize MODEL=models/deepseek-vl2-tiny RECIPE=int4-experts [OUT=models/deepseek-vl2-tiny-int4-experts]
+# make quantize|export [MODEL=dir-or-hub-id] [RECIPE=int4-experts|int8|int4|float32] [OUT=dir]; MODEL defaults
+# to the demo model (written first if missing)
+MODEL  ?= $(DEMO)
 RECIPE ?= int4-experts
-quantize: install
-	@test -n "$(MODEL)" || (echo "usage: make quantize MODEL=dir-or-hub-id RECIPE=int4-experts|int8|int4 [OUT=dir]"; exit 2)
+MODEL_DEPS = install $(if $(filter $(DEMO),$(MODEL)),$(DEMO)/config.json)
+
+quantize: $(MODEL_DEPS)
 	$(PY) -m quant $(MODEL) $(or $(OUT),models/$(notdir $(MODEL))-$(RECIPE)) --recipe $(RECIPE)
+
+export: $(MODEL_DEPS)
+	$(PY) -m export --model $(MODEL) --out $(or $(OUT),models/$(notdir $(MODEL))-onnx-$(RECIPE)) --recipe $(RECIPE)
 
 lint: install
 	$(PY) -m ruff check vl2edge quant export tests bench

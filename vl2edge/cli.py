@@ -30,10 +30,14 @@ def build_prompt(prompt: str, n_images: int) -> str:
 
 
 def run(model: str, prompt: str, images: list[str], max_new_tokens: int, temperature: float, top_p: float,
-        repetition_penalty: float, seed: int | None, device: str, dtype: str, as_json: bool) -> None:
+        repetition_penalty: float, seed: int | None, device: str, dtype: str, as_json: bool,
+        gpu_memory: str | None = None) -> None:
     from .pipeline import load
 
-    pipe = load(model, device=device, dtype=dtype)
+    pipe = load(model, device=device, dtype=dtype, gpu_memory=gpu_memory)
+    plan = getattr(pipe.backend, "plan", None)
+    if plan is not None and not as_json:
+        print(plan, file=sys.stderr)
     messages = [{"role": "<|User|>", "content": build_prompt(prompt, len(images))},
                 {"role": "<|Assistant|>", "content": ""}]
     gen = pipe.generation(messages, images, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -44,10 +48,15 @@ def run(model: str, prompt: str, images: list[str], max_new_tokens: int, tempera
             sys.stdout.flush()
     res = gen.result
     mem = peak_memory()
+    offload = None
+    if plan is not None:
+        from .offload import offload_stats
+
+        offload = offload_stats(pipe.backend)
     if as_json:
         print(json.dumps({"model": model, "text": res.text, "token_ids": res.token_ids,
                           "finish_reason": res.finish_reason, "prompt_tokens": res.prompt_tokens,
-                          "timings": res.timings, **mem}, indent=2))
+                          "timings": res.timings, **mem, **({"offload": offload} if offload else {})}, indent=2))
         return
     t = res.timings
     rate = f"{t['decode_tok_s']:.1f} tok/s" if t["decode_tok_s"] else "-"
@@ -55,6 +64,13 @@ def run(model: str, prompt: str, images: list[str], max_new_tokens: int, tempera
     print(f"\n[vl2edge] {res.prompt_tokens} prompt + {t['new_tokens']} new tokens ({res.finish_reason}) · "
           f"TTFT {t['ttft_s']:.2f} s · {rate} · peak RSS {mem['peak_rss_bytes'] / 1e9:.2f} GB{gpu}",
           file=sys.stderr)
+    if offload and offload["hits"] + offload["misses"]:
+        acc = offload["prefetch_accuracy"]
+        print(f"[vl2edge] offload: {offload['hits']} hits, {offload['misses']} misses (hit rate "
+              f"{offload['hit_rate']:.0%}), {offload['prefetched']} prefetched (accuracy "
+              f"{'-' if acc is None else f'{acc:.0%}'}), {offload['bytes_copied'] / 1e6:.1f} MB copied, "
+              f"stall {offload['stall_s'] * 1e3:.1f} ms, {offload['cpu_computed']} computed on the CPU",
+              file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    r.add_argument("--gpu-memory", metavar="SIZE", default=None,
+                   help="device memory budget, e.g. 6GiB: plan the placement and stream the routed experts that do "
+                        "not fit from CPU memory (PyTorch backend)")
     r.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings, memory)")
     return ap
 
@@ -83,7 +102,7 @@ def main(argv=None) -> None:
         if a.command == "run":
             run(model=a.model, prompt=a.prompt, images=a.image, max_new_tokens=a.max_new_tokens,
                 temperature=a.temperature, top_p=a.top_p, repetition_penalty=a.repetition_penalty, seed=a.seed,
-                device=a.device, dtype=a.dtype, as_json=a.json)
+                device=a.device, dtype=a.dtype, as_json=a.json, gpu_memory=a.gpu_memory)
     except VL2Error as e:
         print(f"vl2edge: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

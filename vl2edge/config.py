@@ -248,6 +248,11 @@ class VL2Config:
         _check(p.n_embed == self.language_config.hidden_size, "projector_config.n_embed", p.n_embed,
                f"language hidden_size {self.language_config.hidden_size}")
 
+    @property
+    def tokens_per_side(self) -> int:
+        """Merged tokens per tile side: ceil(27 / 2) = 14 (the grid is padded bottom/right)."""
+        return -(-self.vision_config.grid // self.projector_config.downsample_ratio)
+
     # -- (de)serialisation ---------------------------------------------------------------------------
 
     @classmethod

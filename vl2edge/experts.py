@@ -16,6 +16,11 @@ from torch import nn
 DECODE_MAX_ROWS = 16  # (token, slot) pairs up to which the per-pair decode path is used
 
 
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert: down(silu(gate(x)) * up(x)), weights in Linear layout."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
 class Experts(nn.Module):
     """Base class: subclasses provide `expert(e, x)`; dispatch and combine live here.
 
@@ -26,6 +31,9 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def upcoming(self, e: int) -> None:
+        """Hint: expert e runs next (offloaded experts start its copy while the current one computes)."""
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         T, A = topk_idx.shape
@@ -48,10 +56,12 @@ class Experts(nn.Module):
         tokens = x[order // A]  # [T*A, D] activations grouped by expert (the weights are never copied)
         out = torch.empty_like(tokens)
         start = 0
-        for e, n in enumerate(counts):
-            if n:
-                out[start:start + n] = self.expert(e, tokens[start:start + n])
-                start += n
+        active = [e for e, n in enumerate(counts) if n]
+        for i, e in enumerate(active):
+            if i + 1 < len(active):
+                self.upcoming(active[i + 1])
+            out[start:start + counts[e]] = self.expert(e, tokens[start:start + counts[e]])
+            start += counts[e]
         slots = torch.empty_like(out)
         slots[order] = out
         return slots
@@ -76,4 +86,4 @@ class DenseExperts(Experts):
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter, **kw), requires_grad=False)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
+        return swiglu(x, self.gate_proj[e], self.up_proj[e], self.down_proj[e])

@@ -163,26 +163,31 @@ class MoEGate(nn.Module):
         if c.topk_method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(torch.empty(c.n_routed_experts), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c, k = self.c, self.c.num_experts_per_tok
+    def select_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(choice [T, E]: what top-k ranks, scores [T, E]: where the chosen experts' weights come from).
+
+        softmax/greedy: both are the probabilities. Group-limited methods keep the best `topk_group`
+        groups and set the other experts' choice to 0.0 (not -inf, exactly like the reference);
+        noaux_tc ranks sigmoid + correction bias but weights with the unbiased sigmoid.
+        """
+        c = self.c
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(dim=-1) if c.scoring_func == "softmax" else logits.sigmoid()
         if c.topk_method == "greedy":
-            w, idx = torch.topk(scores, k, dim=-1, sorted=False)
-        else:
-            T, G = scores.shape[0], c.n_group
-            choice = scores if c.topk_method == "group_limited_greedy" else scores + self.e_score_correction_bias
-            grouped = choice.view(T, G, -1)
-            group_score = grouped.max(-1).values if c.topk_method == "group_limited_greedy" \
-                else grouped.topk(2, dim=-1).values.sum(-1)
-            keep = torch.zeros_like(group_score).scatter_(1, group_score.topk(c.topk_group, -1, sorted=False)[1], 1)
-            # experts of dropped groups are set to 0.0, not -inf, exactly like the reference
-            masked = choice.masked_fill(~keep.bool().repeat_interleave(grouped.shape[-1], dim=1), 0.0)
-            if c.topk_method == "group_limited_greedy":
-                w, idx = torch.topk(masked, k, dim=-1, sorted=False)
-            else:  # noaux_tc: the bias only chooses; weights are the unbiased scores
-                idx = torch.topk(masked, k, dim=-1, sorted=False)[1]
-                w = scores.gather(1, idx)
+            return scores, scores
+        T, G = scores.shape[0], c.n_group
+        choice = scores if c.topk_method == "group_limited_greedy" else scores + self.e_score_correction_bias
+        grouped = choice.view(T, G, -1)
+        group_score = grouped.max(-1).values if c.topk_method == "group_limited_greedy" \
+            else grouped.topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_score).scatter_(1, group_score.topk(c.topk_group, -1, sorted=False)[1], 1)
+        return choice.masked_fill(~keep.bool().repeat_interleave(grouped.shape[-1], dim=1), 0.0), scores
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, k = self.c, self.c.num_experts_per_tok
+        choice, scores = self.select_scores(x)
+        idx = torch.topk(choice, k, dim=-1, sorted=False)[1]
+        w = scores.gather(1, idx)
         if k > 1 and c.norm_topk_prob:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         return idx, w * c.routed_scaling_factor

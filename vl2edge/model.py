@@ -22,6 +22,7 @@ from .cache import KVCache
 from .config import ProjectorConfig, VL2Config
 from .errors import CheckpointError, InputError
 from .language import LanguageModel
+from .processor import gather_rows, image_layout
 from .qlinear import QLinear, QuantExperts, QuantSpec
 from .quantize import MANIFEST, Recipe, base_name, packed_tensor_shapes, quantize, read_manifest
 from .vision import VisionTower
@@ -51,17 +52,17 @@ class Projector(nn.Module):
     """`downsample_mlp_gelu`: pad the patch grid bottom/right to a multiple of 2, merge 2x2 cells
     (channel index c*4 + ki*2 + kj, like F.unfold), then Linear -> exact GELU -> ... -> Linear."""
 
-    def __init__(self, c: ProjectorConfig):
+    def __init__(self, c: ProjectorConfig, grid: int):
         super().__init__()
-        self.r = c.downsample_ratio
+        self.r, self.grid = c.downsample_ratio, grid
         mods: list[nn.Module] = []
         for j, (o, i) in enumerate(c.linear_shapes):
             mods += ([nn.GELU()] if j else []) + [nn.Linear(i, o)]
         self.layers = nn.Sequential(*mods)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, N, W = x.shape
-        g, r = round(N ** 0.5), self.r
+        n, _, W = x.shape
+        g, r = self.grid, self.r
         pad = -g % r
         x = F.pad(x.view(n, g, g, W), (0, 0, 0, pad, 0, pad))            # [n, G, G, W]
         G = g + pad
@@ -80,7 +81,7 @@ class VL2Model(nn.Module):
         super().__init__()
         self.config = config
         self.vision = VisionTower(config.vision_config)
-        self.projector = Projector(config.projector_config)
+        self.projector = Projector(config.projector_config, config.vision_config.grid)
         D = config.language_config.hidden_size
         self.image_newline = nn.Parameter(torch.zeros(D), requires_grad=False)
         self.view_seperator = nn.Parameter(torch.zeros(D), requires_grad=False)  # sic: the checkpoint's spelling
@@ -98,18 +99,43 @@ class VL2Model(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype="auto", device="auto", quant: str | Recipe | None = None,
-                        kernel: str = "auto") -> VL2Model:
+                        kernel: str = "auto", gpu_memory=None, context: int | None = None) -> VL2Model:
         """Load a float or quantized (`quantization.json`) model directory.
 
         quant: a recipe name (`int4-experts`, `int8`, `int4`) or `Recipe` to quantize a float
         checkpoint while loading, without writing files. kernel: force a quantized kernel
         (`dequant`, `dense`, `int4pack`; default: per device, see `vl2edge.qlinear.kernel_for`).
+        gpu_memory: a device memory budget ("6GiB"); the placement is planned for a KV cache of `context`
+        positions (default: the model's maximum) and routed experts that do not fit are offloaded to
+        CPU memory and streamed into a fixed pool of device slots (vl2edge/offload.py). On CUDA without a
+        budget, the free device memory is the budget.
         """
+        device = resolve_device(device)
+        budget = None
+        if gpu_memory is not None:
+            from .offload import parse_bytes
+
+            budget = parse_bytes(gpu_memory)
+        elif device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(device)[0] * 0.95)
+        if budget is None:
+            return cls._load(path, dtype, device, quant, kernel)
+        from .offload import CostModel, offload, plan_placement
+
+        model = cls._load(path, resolve_dtype(dtype, device), torch.device("cpu"), quant, kernel)
+        ctx = context or model.config.language_config.max_position_embeddings
+        plan = plan_placement(model, budget, ctx)
+        if plan.slots >= plan.n_experts and gpu_memory is None:
+            model.plan = plan
+            return model.to(device)
+        return offload(model, device, plan, cost=CostModel(enabled=device.type == "cuda"))
+
+    @classmethod
+    def _load(cls, path, dtype, device, quant, kernel) -> VL2Model:
         from .hub import resolve
 
         path = resolve(path)
         config = VL2Config.from_pretrained(path)
-        device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         ck = Checkpoint.open(path)
         shapes = config.tensor_shapes()
@@ -208,40 +234,16 @@ class VL2Model(nn.Module):
 
     def image_features(self, images, images_spatial_crop) -> list[torch.Tensor]:
         """Per batch row, the image rows in sequence order ([n_image_tokens, D]; empty when none)."""
-        images, crops = _tensor(images, device=self.device), _tensor(images_spatial_crop).tolist()
-        tiles, layout = [], []  # layout: per row, per image (w_tiles, h_tiles, tile indices)
-        for b, row in enumerate(crops):
-            t, imgs = 0, []
-            for w, h in row:
-                if w == 0 or h == 0:
-                    break
-                idx = list(range(len(tiles), len(tiles) + 1 + w * h))
-                tiles += [images[b, t + j] for j in range(1 + w * h)]
-                if w * h == 1 and torch.equal(tiles[-2], tiles[-1]):
-                    idx[1] = idx[0]  # a single-tile image's local view is its global view: encode it once
-                imgs.append((w, h, idx))
-                t += 1 + w * h
-            layout.append(imgs)
+        images = _tensor(images, device=self.device)
+        tiles, rows = image_layout(_tensor(images_spatial_crop).cpu().numpy(), self.config.tokens_per_side,
+                                   self.config.global_view_pos,
+                                   lambda b, t1, t2: torch.equal(images[b, t1], images[b, t2]))
+        D = self.config.language_config.hidden_size
         if not tiles:
-            return [torch.empty(0, self.config.language_config.hidden_size, device=self.device)] * len(crops)
-        used = sorted({i for imgs in layout for *_, idx in imgs for i in idx})
-        feats = self.encode_tiles(torch.stack([tiles[i] for i in used]))
-        pos = {i: k for k, i in enumerate(used)}
-        return [torch.cat([self._arrange(feats, w, h, [pos[i] for i in idx]) for w, h, idx in imgs])
-                if imgs else feats.new_empty(0, feats.shape[-1]) for imgs in layout]
-
-    def _arrange(self, feats: torch.Tensor, w: int, h: int, idx: list[int]) -> torch.Tensor:
-        """One image's rows: global view (a newline after each row), separator, local grid (newline per row)."""
-        n = round(feats.shape[1] ** 0.5)
-        D = feats.shape[-1]
-        nl = self.image_newline.to(feats.dtype)
-        glob = torch.cat([feats[idx[0]].view(n, n, D), nl.expand(n, 1, D)], dim=1).reshape(-1, D)
-        # [(th tw), (n n), D] -> [(th n), (tw n), D]
-        local = feats[idx[1:]].view(h, w, n, n, D).permute(0, 2, 1, 3, 4).reshape(h * n, w * n, D)
-        local = torch.cat([local, nl.expand(h * n, 1, D)], dim=1).reshape(-1, D)
-        sep = self.view_seperator.to(feats.dtype)[None]
-        parts = [glob, sep, local] if self.config.global_view_pos == "head" else [local, sep, glob]
-        return torch.cat(parts)
+            return [torch.empty(0, D, device=self.device, dtype=self.dtype) for _ in rows]
+        feats = self.encode_tiles(torch.stack([images[b, t] for b, t in tiles])).reshape(-1, D)
+        table = torch.cat([feats, self.image_newline.to(feats.dtype)[None], self.view_seperator.to(feats.dtype)[None]])
+        return [table[torch.from_numpy(gather_rows(r, feats.shape[0])).to(self.device)] for r in rows]
 
     @torch.inference_mode()
     def embed(self, input_ids, images=None, images_seq_mask=None, images_spatial_crop=None) -> torch.Tensor:

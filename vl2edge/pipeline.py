@@ -123,16 +123,28 @@ class Pipeline:
         return g.result
 
 
-def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | None = None) -> Pipeline:
-    """A ready pipeline for a model directory or Hugging Face id (PyTorch backend).
+def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | None = None,
+         threads: int | None = None, gpu_memory=None) -> Pipeline:
+    """A ready pipeline for a model directory or Hugging Face id.
 
-    A quantized directory (`python -m quant`) loads as such; `quant="int4-experts"` (or `int8`,
-    `int4`) quantizes a float checkpoint while loading, without writing files.
+    An ONNX export (`python -m export`, has manifest.json) runs on ONNX Runtime without torch (`threads`
+    defaults to the physical cores); anything else on the PyTorch backend. A quantized directory
+    (`python -m quant`) loads as such; `quant="int4-experts"` (or `int8`, `int4`) quantizes a float
+    checkpoint while loading, without writing files. `gpu_memory` ("6GiB") plans the device placement
+    and offloads the routed experts that do not fit (see VL2Model.from_pretrained).
     """
     from .hub import resolve
-    from .model import VL2Model
+    from .onnx_backend import OnnxModel, is_onnx_dir
 
     path = resolve(path_or_id)
-    model = VL2Model.from_pretrained(path, dtype=dtype, device=device, quant=quant)
+    if is_onnx_dir(path):
+        if quant is not None:
+            raise InputError(f"{path} is an ONNX export; its recipe was fixed when it was exported")
+        backend = OnnxModel(path, device=device, threads=threads)
+        return Pipeline(Processor.from_pretrained(path), backend,
+                        backend.config.language_config.max_position_embeddings, name=str(path_or_id))
+    from .model import VL2Model
+
+    model = VL2Model.from_pretrained(path, dtype=dtype, device=device, quant=quant, gpu_memory=gpu_memory)
     return Pipeline(Processor.from_pretrained(path), model,
                     model.config.language_config.max_position_embeddings, name=str(path_or_id))

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import Experts
+from .experts import Experts, swiglu
 
 ALGORITHMS = ("rtn", "mse")
 
@@ -248,4 +248,4 @@ class QuantExperts(Experts):
             h = F.silu(gu[:, :self.inter]) * gu[:, self.inter:]
             return _int4_mm(h, self._w[1][e], self.spec.block_size).to(x.dtype)
         g, u, d = (w[e] for w in self._w) if self.kernel == "dense" else self._float(e, x.dtype)
-        return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+        return swiglu(x, g, u, d)

@@ -224,3 +224,4 @@ def write_manifest(root, recipe: Recipe, specs: dict[str, QuantSpec], source: st
                   "(absent: zero point 2^(bits-1))",
         "recipe": recipe.to_dict() | {"label": recipe.label}, "source": source,
         "tensors": {n: s.to_dict() for n, s in specs.items()}}, indent=1))
+

@@ -1,0 +1,186 @@
+"""One quantize-and-export command: a checkpoint in, a self-describing ONNX artifact directory out.
+
+    DST/
+      manifest.json            dims, graphs and their I/O names, recipe per tensor, opset/IR, minimum
+                               onnxruntime, verification errors, sha256 of every file, source
+      decoder.onnx(.data)      the decoder step (export/graphs.py), contrib ops per export/ops.py
+      vision.onnx(.data)       vision tower + projector in float32
+      vision_int8.onnx(.data)  the same with int8 weights (per channel) and dynamically quantized activations
+      embed_tokens.npy, image_newline.npy, view_seperator.npy   the float tensors the runtime gathers
+      config.json, processor_config.json, tokenizer*.json, special_tokens_map.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vl2edge.config import VL2Config
+from vl2edge.errors import InputError
+from vl2edge.generate import prefill
+from vl2edge.hub import resolve
+from vl2edge.model import VL2Model
+from vl2edge.processor import Processor
+from vl2edge.quantize import RECIPES, Recipe, read_manifest
+from vl2edge.synthetic import sample_image
+
+from .graphs import MS_OPSET, OPSET, export_decoder, export_vision, quantize_vision
+from .ops import prepare, qmoe_ok
+
+FORMAT = "vl2edge.onnx.v1"
+MANIFEST = "manifest.json"
+SIDE_FILES = ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json")
+EXPORT_RECIPES = ("float32", *RECIPES)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sample_inputs(src: Path, model: VL2Model):
+    """A real prompt (one image, tiled) through the processor: what the verification feeds both sides."""
+    proc = Processor.from_pretrained(src)
+    return proc([{"role": "user", "content": "<image>\nDescribe this image in detail."}],
+                [sample_image(400, 300)])
+
+
+def _reference(model: VL2Model, inputs) -> dict:
+    """Torch outputs on the sample: vision features, and logits of a chunked prefill and two decode steps."""
+    with torch.inference_mode():
+        feats = model.encode_tiles(torch.from_numpy(inputs.images[0])).float().numpy()
+    embeds = model.embed(inputs.input_ids, inputs.images, inputs.images_seq_mask, inputs.images_spatial_crop)
+    T = embeds.shape[1]
+    cache = model.new_cache(1, T + 2)
+    steps = [prefill(model, embeds, inputs.attention_mask, cache, chunk_size=T - 7)]
+    steps += [model.decode(np.array([t]), cache) for t in (5, 9)]
+    return {"features": feats, "embeds": embeds.float().numpy(), "steps": steps, "chunk": T - 7}
+
+
+def _verify(dst: Path, graphs: dict, ref: dict, inputs, threads: int = 0) -> dict:
+    """Run the exported graphs with onnxruntime on the sample and compare with the torch reference."""
+    from vl2edge.onnx_backend import OnnxModel
+
+    model = OnnxModel(dst, threads=threads)
+    out = {}
+    for name in graphs:
+        if name.startswith("vision"):
+            got = model.vision_session(name).run(None, {"pixel_values": inputs.images[0]})[0]
+            out[name] = _errors(got, ref["features"])
+    cache = model.new_cache(1, ref["embeds"].shape[1] + 2)
+    got = [prefill(model, ref["embeds"], inputs.attention_mask, cache, chunk_size=ref["chunk"])]
+    got += [model.decode(np.array([t]), cache) for t in (5, 9)]
+    out["decoder"] = _errors(np.concatenate(got), np.concatenate(ref["steps"]))
+    return out
+
+
+def _errors(got: np.ndarray, ref: np.ndarray) -> dict:
+    diff = float(np.abs(got - ref).max())
+    return {"max_abs": diff, "max_abs_rel": diff / float(np.abs(ref).max()),
+            "rel_l2": float(np.linalg.norm(got - ref) / np.linalg.norm(ref))}
+
+
+def export(src, dst, recipe: str = "int4-experts", block_size: int = 32, vision: str = "both",
+           accuracy_level: int = 4, routing_outputs: bool = False, progress: bool = True) -> Path:
+    """Quantize (per `recipe`), export and verify. vision: "float", "int8" or "both" (quantized recipes)."""
+    if recipe not in EXPORT_RECIPES:
+        raise InputError(f"unknown recipe {recipe!r}; known: {', '.join(EXPORT_RECIPES)}")
+    if vision not in ("float", "int8", "both"):
+        raise InputError(f"vision must be float, int8 or both, got {vision!r}")
+    src, dst = resolve(src), Path(dst)
+    if read_manifest(src) is not None:
+        raise InputError(f"{src} is already quantized; export from the float checkpoint")
+    steps = ["load", "vision", "vision_int8", "decoder", "verify", "write"]
+    if recipe == "float32" or vision == "float":
+        steps.remove("vision_int8")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(steps), desc=f"export ({recipe})", bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
+
+    def step(name):
+        if bar:
+            bar.set_postfix_str(name)
+
+    def done():
+        if bar:
+            bar.update(1)
+
+    t0 = time.perf_counter()
+    step("load + quantize")
+    quant = None if recipe == "float32" else Recipe(recipe, block_size=block_size)
+    model = VL2Model.from_pretrained(src, dtype="float32", device="cpu", quant=quant, kernel="dequant")
+    config: VL2Config = model.config
+    inputs = _sample_inputs(src, model)
+    ref = _reference(model, inputs)
+    dst.mkdir(parents=True, exist_ok=True)
+    np.save(dst / "embed_tokens.npy", model.language.model.embed_tokens.weight.detach().float().numpy())
+    np.save(dst / "image_newline.npy", model.image_newline.detach().float().numpy())
+    np.save(dst / "view_seperator.npy", model.view_seperator.detach().float().numpy())
+    specs = {}
+    if quant is not None:
+        specs = {n: s.to_dict() for n, s in quant.specs(config.tensor_shapes()).items()}
+    done()
+    prepare(model, accuracy_level, plain=quant is None)
+    graphs = {}
+    step("vision tower (float32)")
+    graphs["vision"] = export_vision(model, dst / "vision.onnx")
+    done()
+    if vision in ("int8", "both") and quant is not None:
+        step("vision tower (int8)")
+        graphs["vision_int8"] = quantize_vision(dst / "vision.onnx", dst / "vision_int8.onnx")
+        specs |= {n: {"bits": 8, "graph": "vision_int8", "scheme": graphs["vision_int8"]["scheme"]}
+                  for n, s in config.tensor_shapes().items()
+                  if n.startswith("vision.blocks.") and n.endswith(".weight") and len(s) == 2}
+        if vision == "int8":
+            for f in (dst / "vision.onnx", dst / "vision.onnx.data"):
+                f.unlink(missing_ok=True)
+            del graphs["vision"]
+        done()
+    step("decoder")
+    graphs["decoder"] = export_decoder(model, dst / "decoder.onnx", routing=routing_outputs)
+    done()
+    for f in SIDE_FILES:
+        if (src / f).is_file():
+            shutil.copyfile(src / f, dst / f)
+    moes = [m for m in model.modules() if hasattr(m, "record")]  # the ExportMoE twins
+    uses_qmoe = any(qmoe_ok(m.experts) for m in moes)
+    manifest = {
+        "format": FORMAT, "source": str(src),
+        "recipe": recipe if quant is None else quant.to_dict() | {"label": recipe},
+        "accuracy_level": accuracy_level, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "dims": {"hidden_size": config.language_config.hidden_size, "vocab_size": config.language_config.vocab_size,
+                 "num_hidden_layers": config.language_config.num_hidden_layers,
+                 "attention": "mla" if config.language_config.use_mla else "mha",
+                 "image_size": config.vision_config.image_size, "tokens_per_side": config.tokens_per_side},
+        "graphs": graphs, "default_vision": "vision" if "vision" in graphs else "vision_int8",
+        "tensors": {"embed_tokens": "embed_tokens.npy", "image_newline": "image_newline.npy",
+                    "view_seperator": "view_seperator.npy"},
+        "quantization": specs, "moe": "QMoE" if uses_qmoe else ("masked-loop" if moes else "none"),
+        "opset": {"ai.onnx": OPSET, "com.microsoft": MS_OPSET}, "ir_version": 8,
+        "min_onnxruntime": "1.25.0" if uses_qmoe else ("1.22.0" if specs else "1.17.0"),
+        "recommended_onnxruntime": "1.31.0",
+    }
+    (dst / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    step("verify with onnxruntime")
+    manifest["verification"] = _verify(dst, graphs, ref, inputs)
+    done()
+    step("checksums")
+    manifest["files"] = {p.name: _sha256(p) for p in sorted(dst.iterdir()) if p.name != MANIFEST}
+    manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
+    (dst / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    done()
+    if bar:
+        bar.close()
+    return dst

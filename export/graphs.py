@@ -1,0 +1,186 @@
+"""The two exported graphs and their ONNX export: the vision tower + projector, and the decoder step.
+
+The decoder graph is the torch language model itself, run with `GraphCache` in place of the runtime's
+preallocated cache: past keys/values (MHA, BNSH) or past latents (MLA, [B, P, C+R]) come in as
+inputs and the concatenated presents go out, so one graph serves prefill (P = 0) and decode (T = 1)
+with dynamic batch, sequence and past lengths. Logits are computed for the last position only.
+
+    decoder: inputs_embeds f32 [B,T,D], attention_mask i64 [B,P+T], past_key_values.{i}.key/.value
+             (or .latent) -> logits f32 [B,V], present.{i}.key/.value (or .latent)
+    vision:  pixel_values f32 [n,3,S,S] -> image_features f32 [n,196,D]
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vl2edge.model import VL2Model
+
+OPSET = 17          # ai.onnx; TorchScript export writes IR 8, which every onnxruntime >= 1.14 loads
+MS_OPSET = 1        # com.microsoft
+EXTERNAL_MIN = 64 * 2**20
+
+
+class GraphCache:
+    """The decoder graph's view of the KV cache: explicit past inputs, present outputs."""
+
+    def __init__(self, pasts):
+        self.pasts, self.presents = list(pasts), []
+
+    def begin(self, attention_mask: torch.Tensor, T: int):
+        """attention_mask covers past + new positions [B, P+T]."""
+        self.seqlens_k = (attention_mask.sum(-1) - 1).to(torch.int32)   # GroupQueryAttention's inputs
+        self.total = torch.tensor(attention_mask.shape[1], dtype=torch.int32)
+        am = attention_mask.bool()
+        S = am.shape[1]
+        pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, S - T:]
+        q = torch.arange(T, device=am.device) + (S - T)
+        s = torch.arange(S, device=am.device)
+        allowed = ((s[None, :] <= q[:, None]) & am[:, None, :]) | (s[None, :] == q[:, None])
+        return pos, allowed[:, None]
+
+    def commit(self, T: int) -> None:
+        pass
+
+    def write_kv(self, layer: int, k, v):
+        k = torch.cat([self.pasts[2 * layer], k], dim=2)
+        v = torch.cat([self.pasts[2 * layer + 1], v], dim=2)
+        self.presents += [k, v]
+        return k, v
+
+    def write_latent(self, layer: int, latent):
+        latent = torch.cat([self.pasts[layer], latent], dim=1)
+        self.presents.append(latent)
+        return latent
+
+
+def cache_io(model: VL2Model) -> tuple[list[str], list[str], dict]:
+    """Past input names, present output names, and the past tensors' layout for the manifest."""
+    c = model.config.language_config
+    if c.use_mla:
+        kinds, axis, shape = ("latent",), 1, ["batch", "past", c.kv_lora_rank + c.qk_rope_head_dim]
+    else:
+        kinds, axis, shape = ("key", "value"), 2, ["batch", c.num_key_value_heads, "past", c.head_dim]
+    past = [f"past_key_values.{i}.{k}" for i in range(c.num_hidden_layers) for k in kinds]
+    present = [f"present.{i}.{k}" for i in range(c.num_hidden_layers) for k in kinds]
+    return past, present, {"kinds": list(kinds), "sequence_axis": axis, "shape": shape}
+
+
+class DecoderGraph(nn.Module):
+    """With `routing=True`, also outputs each MoE layer's top-k expert choice [B*T, A] (for tests)."""
+
+    def __init__(self, model: VL2Model, routing: bool = False):
+        super().__init__()
+        self.language = model.language
+        self.moes = [m for m in model.modules() if hasattr(m, "record")] if routing else []
+
+    def forward(self, inputs_embeds, attention_mask, *pasts):
+        cache = GraphCache(pasts)
+        records: list = []
+        for m in self.moes:
+            m.record = records
+        logits = self.language(inputs_embeds, cache, attention_mask, last_only=True)
+        return (logits, *cache.presents, *records)
+
+
+class VisionGraph(nn.Module):
+    def __init__(self, model: VL2Model):
+        super().__init__()
+        self.vision, self.projector = model.vision, model.projector
+
+    def forward(self, pixel_values):
+        return self.projector(self.vision(pixel_values))
+
+
+def _export(module: nn.Module, args: tuple, out: Path, input_names, output_names, dynamic_axes,
+            contrib: bool = True) -> Path:
+    """torch.onnx.export (TorchScript tracer: the contrib-op symbolics in export/ops.py) + external data."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "graph.onnx"
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+                          custom_opsets={"com.microsoft": MS_OPSET} if contrib else None)
+        proto = onnx.load(str(path))
+    for f in (out, out.with_name(out.name + ".data")):
+        f.unlink(missing_ok=True)
+    big = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_MIN
+    onnx.save_model(proto, str(out), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=out.name + ".data", size_threshold=1024)
+    return out
+
+
+def export_decoder(model: VL2Model, out: Path, routing: bool = False) -> dict:
+    c = model.config.language_config
+    past_names, present_names, layout = cache_io(model)
+    B, T, P = 2, 3, 2  # sizes > 1 so the tracer keeps every axis symbolic
+    shape = [B, *layout["shape"][1:]]
+    shape[layout["sequence_axis"]] = P
+    pasts = [torch.zeros(shape, dtype=torch.float32) for _ in past_names]
+    embeds = torch.randn(B, T, c.hidden_size)
+    mask = torch.ones(B, P + T, dtype=torch.int64)
+    axis = layout["sequence_axis"]
+    dyn = {"inputs_embeds": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"},
+           "logits": {0: "batch"}} | {n: {0: "batch", axis: "past"} for n in past_names} \
+        | {n: {0: "batch", axis: "total"} for n in present_names}
+    graph = DecoderGraph(model, routing)
+    routing_names = [f"routing.{i}" for i, layer in enumerate(model.language.model.layers)
+                     if hasattr(layer.mlp, "record")] if routing else []
+    dyn |= {n: {0: "tokens"} for n in routing_names}
+    _export(graph, (embeds, mask, *pasts), out, ["inputs_embeds", "attention_mask", *past_names],
+            ["logits", *present_names, *routing_names], dyn)
+    # GroupQueryAttention can update a preallocated cache in place (past and present bound to one buffer)
+    layout["shared_buffer"] = any(type(m).__name__ == "ExportMHA" for m in model.modules())
+    return {"file": out.name, "inputs": ["inputs_embeds", "attention_mask", *past_names],
+            "outputs": ["logits", *present_names, *routing_names], "past": past_names, "present": present_names,
+            "cache": layout}
+
+
+def quantize_vision(src: Path, out: Path) -> dict:
+    """The vision graph with int8 weights (per output channel) and activations quantized per tensor at run
+    time (onnxruntime.quantization.quantize_dynamic on the weight MatMuls: MatMulInteger). On the
+    development CPU it runs a tile 2.3x faster than float32, where 8-bit MatMulNBits ran slower than
+    float32 (bench/RESULTS.md)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(src), load_external_data=False)
+    inits = {i.name for i in graph.graph.initializer}
+    nodes = [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    big = (src.with_name(src.name + ".data")).is_file()
+    for f in (out, out.with_name(out.name + ".data")):
+        f.unlink(missing_ok=True)
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)  # the quantizer logs advice about calibration pre-processing
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                             nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"], use_external_data_format=big)
+    finally:
+        root_logger.setLevel(level)
+    if big:  # quantize_dynamic names the data file after the model; keep the `<file>.data` convention
+        proto = onnx.load(str(out))
+        for f in out.parent.glob(out.name + "*.data"):
+            f.unlink()
+        onnx.save_model(proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out.name + ".data", size_threshold=1024)
+    return {"file": out.name, "inputs": ["pixel_values"], "outputs": ["image_features"],
+            "scheme": "int8 weights per output channel, activations quantized per tensor at run time "
+                      f"(MatMulInteger), {len(nodes)} MatMuls"}
+
+
+def export_vision(model: VL2Model, out: Path) -> dict:
+    S = model.config.vision_config.image_size
+    _export(VisionGraph(model), (torch.randn(2, 3, S, S),), out, ["pixel_values"], ["image_features"],
+            {"pixel_values": {0: "tiles"}, "image_features": {0: "tiles"}}, contrib=False)
+    return {"file": out.name, "inputs": ["pixel_values"], "outputs": ["image_features"]}

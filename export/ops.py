@@ -1,0 +1,304 @@
+"""How the torch model's modules become ONNX Runtime ops (the translation table of the export).
+
+`prepare(model, ...)` swaps, in place and for export only, each module for a twin with the same
+weights whose forward traces to the op ORT runs fastest:
+
+    QLinear            -> com.microsoft MatMulNBits (accuracy_level 4 by default: int8 activations)
+    MoE (packed)       -> com.microsoft QMoE over the active experts, routing equal to DeepSeek's via
+                          `router_weights` (softmax without renormalisation; noaux_tc: sigmoid, bias for
+                          selection only, renormalised x routed_scaling_factor)
+    MoE (float, or dims QMoE cannot take) -> a loop over the experts with NonZero/Gather/ScatterElements
+                          (plain ops; exactly the active experts' FLOPs, any sequence length)
+    RMSNorm            -> SimplifiedLayerNormalization
+    MHAttention (Tiny) -> one fused q|k|v projection + com.microsoft GroupQueryAttention (RoPE inside,
+                          rotate_half layout, BNSH cache; batches without left padding)
+    MLP                -> one fused gate|up projection, Split, SiLU, down projection
+    MLAttention        -> the reference's absorbed form (one graph serves prefill and decode)
+
+Each custom op is an `autograd.Function` whose eager forward is the reference computation (so the
+trace has the right shapes) and whose `symbolic` emits the contrib op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.onnx import symbolic_helper
+
+from vl2edge.experts import DenseExperts
+from vl2edge.language import MLP, MHAttention, MLAttention, MoE, RMSNorm, apply_rope, rope_cos_sin
+from vl2edge.qlinear import QLinear, QuantExperts, QuantSpec, dequantize
+
+MS = "com.microsoft::"
+
+
+def _none(g):
+    return symbolic_helper._optional_input_placeholder_tensor(g)
+
+
+class MatMulNBitsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, qweight, scales, qzeros, K: int, N: int, bits: int, block_size: int, acc: int):
+        spec = QuantSpec(bits, block_size, qzeros is None)
+        return x @ dequantize(spec, qweight, scales, qzeros, K=K).T
+
+    @staticmethod
+    def symbolic(g, x, qweight, scales, qzeros, K, N, bits, block_size, acc):
+        inputs = [x, qweight, scales] + ([] if symbolic_helper._is_none(qzeros) else [qzeros])
+        out = g.op(MS + "MatMulNBits", *inputs, K_i=K, N_i=N, bits_i=bits, block_size_i=block_size,
+                   accuracy_level_i=acc)
+        sizes = symbolic_helper._get_tensor_sizes(x)
+        if sizes is not None:
+            out.setType(x.type().with_sizes([*sizes[:-1], N]))
+        return out
+
+
+class RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    @staticmethod
+    def symbolic(g, x, weight, eps):
+        out = g.op("SimplifiedLayerNormalization", x, weight, axis_i=-1, epsilon_f=eps, stash_type_i=1)
+        out.setType(x.type())
+        return out
+
+
+class QMoEFn(torch.autograd.Function):
+    """QMoE over [T, D] tokens; selects top-k of `choice`, mixes with `weights` (renormalised if asked)."""
+
+    @staticmethod
+    def forward(ctx, x, choice, weights, fc1, fc1_s, fc1_z, fc2, fc2_s, fc2_z, k: int, normalize: int, bits: int,
+                block_size: int, acc: int, inter: int):
+        idx = torch.topk(choice, k, dim=-1)[1]
+        w = weights.gather(1, idx)
+        if normalize:
+            w = w / w.sum(-1, keepdim=True)
+        sym = fc1_z is None
+        out = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for j, e in enumerate(idx[t].tolist()):
+                w1 = dequantize(QuantSpec(bits, block_size, sym), fc1[e].view(fc1.shape[1], -1, block_size * bits // 8),
+                                fc1_s[e], None if sym else fc1_z[e], K=x.shape[1])
+                h = x[t] @ w1.T
+                h = F.silu(h[0::2]) * h[1::2]
+                w2 = dequantize(QuantSpec(bits, block_size, sym), fc2[e].view(fc2.shape[1], -1, block_size * bits // 8),
+                                fc2_s[e], None if sym else fc2_z[e], K=inter)
+                out[t] += w[t, j] * (h @ w2.T)
+        return out
+
+    @staticmethod
+    def symbolic(g, x, choice, weights, fc1, fc1_s, fc1_z, fc2, fc2_s, fc2_z, k, normalize, bits, block_size, acc,
+                 inter):
+        n = _none(g)
+        z1 = n if symbolic_helper._is_none(fc1_z) else fc1_z
+        z2 = n if symbolic_helper._is_none(fc2_z) else fc2_z
+        out = g.op(MS + "QMoE", x, choice, fc1, fc1_s, n, fc2, fc2_s, n, n, n, n, z1, z2, n, weights, k_i=k,
+                   activation_type_s="swiglu", swiglu_fusion_i=1, activation_alpha_f=1.0, activation_beta_f=0.0,
+                   normalize_routing_weights_i=normalize, expert_weight_bits_i=bits, block_size_i=block_size,
+                   accuracy_level_i=acc)
+        out.setType(x.type())
+        return out
+
+
+class GQAFn(torch.autograd.Function):
+    """GroupQueryAttention over packed q|k|v [B, T, (H+2KV)*hd] with past/present BNSH caches."""
+
+    @staticmethod
+    def forward(ctx, qkv, past_k, past_v, seqlens_k, total, cos, sin, H: int, KV: int, hd: int, theta: float):
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
+        q, k, v = (t.reshape(B, T, n, hd).transpose(1, 2) for t, n in ((q, H), (k, KV), (v, KV)))
+        P = past_k.shape[2]
+        c, s = rope_cos_sin(torch.arange(P, P + T, device=qkv.device)[None].expand(B, T), hd, theta, qkv.dtype)
+        q, k = apply_rope(q, c, s), apply_rope(k, c, s)
+        k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+        mask = torch.arange(P + T)[None, :] <= torch.arange(P, P + T)[:, None]
+        rk, rv = (t.repeat_interleave(H // KV, dim=1) for t in (k, v))
+        out = F.scaled_dot_product_attention(q, rk, rv, attn_mask=mask)
+        return out.transpose(1, 2).reshape(B, T, H * hd), k, v
+
+    @staticmethod
+    def symbolic(g, qkv, past_k, past_v, seqlens_k, total, cos, sin, H, KV, hd, theta):
+        n = _none(g)
+        out, pk, pv = g.op(MS + "GroupQueryAttention", qkv, n, n, past_k, past_v, seqlens_k, total, cos, sin,
+                           num_heads_i=H, kv_num_heads_i=KV, do_rotary_i=1, rotary_interleaved_i=0, outputs=3)
+        out.setType(qkv.type().with_sizes([None, None, H * hd]))
+        pk.setType(past_k.type())
+        pv.setType(past_v.type())
+        return out, pk, pv
+
+
+# -- export twins of the runtime modules ------------------------------------------------------------------
+
+class ExportLinear(nn.Module):
+    def __init__(self, q: QLinear, acc: int):
+        super().__init__()
+        self.q, self.acc = q, acc
+
+    def forward(self, x):
+        q = self.q
+        y = MatMulNBitsFn.apply(x, q.qweight, q.scales, q._buffers.get("qzeros"), q.in_features, q.out_features,
+                                q.spec.bits, q.spec.block_size, self.acc)
+        return y if q.bias is None else y + q.bias
+
+    @property
+    def weight(self):  # MLA reads kv_b_proj as a matrix: a constant dequantized at export time
+        return self.q.weight
+
+
+def fused(mods: list[nn.Module], acc: int) -> nn.Module:
+    """One projection computing several at once (outputs concatenated): packed rows or float rows stacked."""
+    if all(isinstance(m, QLinear) for m in mods) and len({m.spec for m in mods}) == 1:
+        q = QLinear(mods[0].in_features, sum(m.out_features for m in mods), mods[0].spec,
+                    bias=mods[0].bias is not None)
+        for name in mods[0]._buffers:
+            q._buffers[name] = torch.cat([m._buffers[name] for m in mods])
+        if q.bias is not None:
+            q.bias = nn.Parameter(torch.cat([m.bias for m in mods]), requires_grad=False)
+        return ExportLinear(q, acc)
+    lin = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=mods[0].bias is not None)
+    lin.weight = nn.Parameter(torch.cat([m.weight for m in mods]), requires_grad=False)
+    if lin.bias is not None:
+        lin.bias = nn.Parameter(torch.cat([m.bias for m in mods]), requires_grad=False)
+    return lin
+
+
+def _twin(m: nn.Module, acc: int) -> nn.Module:
+    return ExportLinear(m, acc) if isinstance(m, QLinear) else m
+
+
+class ExportMLP(nn.Module):
+    def __init__(self, mlp: MLP, acc: int):
+        super().__init__()
+        self.inter = mlp.gate_proj.out_features
+        self.gate_up, self.down_proj = fused([mlp.gate_proj, mlp.up_proj], acc), _twin(mlp.down_proj, acc)
+
+    def forward(self, x):
+        g, u = self.gate_up(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(g) * u)
+
+
+class ExportMHA(nn.Module):
+    def __init__(self, a: MHAttention, acc: int, cos: torch.Tensor, sin: torch.Tensor):
+        super().__init__()
+        self.layer, self.H, self.KV, self.hd, self.theta = a.layer, a.H, a.KV, a.hd, a.theta
+        self.qkv = fused([a.q_proj, a.k_proj, a.v_proj], acc)
+        self.o_proj = _twin(a.o_proj, acc)
+        self.cos, self.sin = cos, sin
+
+    def forward(self, x, positions, mask, cache):
+        past_k, past_v = cache.pasts[2 * self.layer], cache.pasts[2 * self.layer + 1]
+        out, k, v = GQAFn.apply(self.qkv(x), past_k, past_v, cache.seqlens_k, cache.total, self.cos, self.sin,
+                                self.H, self.KV, self.hd, self.theta)
+        cache.presents += [k, v]
+        return self.o_proj(out)
+
+
+class ExportRMSNorm(nn.Module):
+    def __init__(self, n: RMSNorm):
+        super().__init__()
+        self.weight, self.eps = n.weight, n.eps
+
+    def forward(self, x):
+        return RMSNormFn.apply(x, self.weight, self.eps)
+
+
+def masked_experts(expert, n_experts: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Route [T, D] tokens through the experts with data-dependent shapes the exporters can trace."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(n_experts):
+        hit = idx == e
+        tok = hit.any(-1).nonzero().squeeze(-1)
+        we = (w * hit).sum(-1)[tok]
+        out = out.index_add(0, tok, expert(e, x[tok]).float() * we[:, None])
+    return out.to(x.dtype)
+
+
+def _qexpert(ex: QuantExperts, acc: int):
+    def run(e, x):
+        def lin(p, h, N, K):
+            qw, sc, qz = p.row(e)
+            return MatMulNBitsFn.apply(h, qw, sc, qz, K, N, ex.spec.bits, ex.spec.block_size, acc)
+        D, I = ex.hidden, ex.inter
+        return lin(ex.down_proj, F.silu(lin(ex.gate_proj, x, I, D)) * lin(ex.up_proj, x, I, D), D, I)
+    return run
+
+
+def qmoe_ok(ex) -> bool:
+    """QMoE's CPU kernel needs hidden and intermediate sizes divisible by the block size."""
+    return isinstance(ex, QuantExperts) and ex.hidden % ex.spec.block_size == 0 and \
+        ex.inter % ex.spec.block_size == 0
+
+
+class ExportMoE(nn.Module):
+    def __init__(self, moe: MoE, acc: int):
+        super().__init__()
+        self.gate, self.experts, self.shared_experts, self.acc = moe.gate, moe.experts, moe.shared_experts, acc
+        self.record: list | None = None  # set by the exporter to expose each layer's top-k choice (tests)
+        ex = self.experts
+        if qmoe_ok(ex):  # fc1 = gate and up rows interleaved [g0, u0, g1, u1, ...], as QMoE's SwiGLU wants
+            for name, d in ex.down_proj._buffers.items():
+                g, u = ex.gate_proj._buffers[name], ex.up_proj._buffers[name]
+                self.register_buffer(f"fc1_{name}", torch.stack([g, u], dim=2).reshape(g.shape[0], 2 * g.shape[1], -1))
+                self.register_buffer(f"fc2_{name}", d.reshape(d.shape[0], d.shape[1], -1))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        c, ex = self.gate.c, self.experts
+        if self.record is not None:
+            self.record.append(torch.topk(self.gate.select_scores(flat)[0], c.num_experts_per_tok, dim=-1)[1])
+        if qmoe_ok(ex):
+            choice, scores = self.gate.select_scores(flat)
+            norm = int(c.num_experts_per_tok > 1 and c.norm_topk_prob)
+            weights = scores if norm else scores * c.routed_scaling_factor
+            y = QMoEFn.apply(flat, choice, weights, self.fc1_qweight, self.fc1_scales, self._buffers.get("fc1_qzeros"),
+                             self.fc2_qweight, self.fc2_scales, self._buffers.get("fc2_qzeros"), c.num_experts_per_tok,
+                             norm, ex.spec.bits, ex.spec.block_size, self.acc, ex.inter)
+            if norm and c.routed_scaling_factor != 1.0:
+                y = y * c.routed_scaling_factor
+        else:
+            idx, w = self.gate(flat)
+            run = _qexpert(ex, self.acc) if isinstance(ex, QuantExperts) else ex.expert
+            y = masked_experts(run, ex.n_experts, flat, idx, w)
+        y = y.view(B, T, D)
+        return y + self.shared_experts(x) if self.shared_experts is not None else y
+
+
+def _rope_tables(model: nn.Module):
+    """cos/sin [max_position, head_dim/2] for GroupQueryAttention (fp32 frequencies, as the runtime)."""
+    c = model.config.language_config
+    pos = torch.arange(c.max_position_embeddings)[None]
+    cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, torch.float32)
+    return cos[0, 0, :, : c.head_dim // 2].contiguous(), sin[0, 0, :, : c.head_dim // 2].contiguous()
+
+
+def prepare(model: nn.Module, accuracy_level: int = 4, plain: bool = False) -> nn.Module:
+    """Swap every module for its export twin (in place); returns the model. plain: standard ONNX ops only
+    (no GroupQueryAttention / SimplifiedLayerNormalization), for the float32 verification export."""
+    tables = None
+    for name, mod in list(model.named_modules()):
+        parent_name, _, leaf = name.rpartition(".")
+        if not leaf:
+            continue
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:  # inside a module already replaced
+            continue
+        if isinstance(mod, MHAttention) and not plain:
+            tables = tables or _rope_tables(model)
+            setattr(parent, leaf, ExportMHA(mod, accuracy_level, *tables))
+        elif isinstance(mod, MLP):
+            setattr(parent, leaf, ExportMLP(mod, accuracy_level))
+        elif isinstance(mod, QLinear):
+            setattr(parent, leaf, ExportLinear(mod, accuracy_level))
+        elif isinstance(mod, RMSNorm) and not plain:
+            setattr(parent, leaf, ExportRMSNorm(mod))
+        elif isinstance(mod, MoE) and isinstance(mod.experts, (QuantExperts, DenseExperts)):
+            setattr(parent, leaf, ExportMoE(mod, accuracy_level))
+        elif isinstance(mod, MLAttention):
+            mod.EXPAND_MIN_T = 1 << 62  # the absorbed form for every length
+    return model

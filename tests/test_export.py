@@ -1,0 +1,197 @@
+"""ONNX export and the ONNX Runtime backend, against the reference fixtures and the torch model."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from export.build import export
+from tests import golden
+from vl2edge.errors import CheckpointError, InputError
+from vl2edge.generate import generate, prefill
+from vl2edge.model import VL2Model
+from vl2edge.onnx_backend import OnnxModel, verify_files
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for v in golden.VARIANTS:
+        out[v, "float32"] = export(golden.model_dir(v), root / f"{v}-f32", "float32", progress=False)
+        out[v, "int4-experts"] = export(golden.model_dir(v), root / f"{v}-q4", "int4-experts", routing_outputs=True,
+                                        progress=False)
+        out[v, "exact"] = export(golden.model_dir(v), root / f"{v}-q4-acc0", "int4-experts", vision="float",
+                                 accuracy_level=0, routing_outputs=True, progress=False)
+    return out
+
+
+def _inputs(case):
+    d = golden.processor_outputs(case)
+    return d["input_ids"], d["attention_mask"], d["images"], d["images_seq_mask"], d["images_spatial_crop"]
+
+
+class Recorder:
+    """Wraps a decoder to keep every step's logits."""
+
+    def __init__(self, dec):
+        self.dec, self.steps = dec, []
+
+    def new_cache(self, b, n):
+        return self.dec.new_cache(b, n)
+
+    def prefill(self, e, cache, mask):
+        self.steps.append(self.dec.prefill(e, cache, mask))
+        return self.steps[-1]
+
+    def decode(self, tok, cache):
+        self.steps.append(self.dec.decode(tok, cache))
+        return self.steps[-1]
+
+
+@pytest.mark.parametrize("variant", golden.VARIANTS)
+@pytest.mark.parametrize("case", golden.CASES)
+def test_float32_export_reproduces_the_reference(exports, variant, case):
+    """Vision graph + decoder graph on ONNX Runtime: the reference's 8 greedy tokens and step logits."""
+    om, exp = OnnxModel(exports[variant, "float32"]), golden.expected(variant, case)
+    ids, att, images, seq_mask, crop = _inputs(case)
+    rec = Recorder(om)
+    toks = [int(t[0]) for t in generate(rec, om.embed(ids, images, seq_mask, crop), att, max_new_tokens=8,
+                                        eos_id=None)]
+    assert toks == exp["gen_token_ids"].tolist()
+    got, ref = np.concatenate(rec.steps[-8:]), exp["gen_logits"]
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def _chunked(dec, embeds, T, chunk, tokens):
+    cache = dec.new_cache(1, T + len(tokens))
+    out = [prefill(dec, embeds, np.ones((1, T), bool), cache, chunk_size=chunk)]
+    return out + [dec.decode(np.array([t]), cache) for t in tokens]
+
+
+@pytest.mark.parametrize("variant", golden.VARIANTS)
+def test_float32_export_equals_torch_at_several_lengths(exports, variant):
+    tm = VL2Model.from_pretrained(golden.model_dir(variant), dtype="float32", device="cpu")
+    om = OnnxModel(exports[variant, "float32"])
+    ids, _, images, seq_mask, crop = _inputs("multi3_two_turns")
+    e = tm.embed(ids, images, seq_mask, crop)
+    T = e.shape[1]
+    for chunk in (T, 400, 97, 13):  # past lengths 0 .. T-1, sequence lengths 1 .. T
+        ref = np.concatenate(_chunked(tm, e, T, chunk, [5, 9, 11]))
+        got = np.concatenate(_chunked(om, e.numpy(), T, chunk, [5, 9, 11]))
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), chunk
+
+
+def _routing(tm, om, case):
+    """Per (token, MoE layer): do the top-k expert sets agree? And the last-position logits of both."""
+    ids, att, images, seq_mask, crop = _inputs(case)
+    e = tm.embed(ids, images, seq_mask, crop)
+    T = e.shape[1]
+    logits = tm.logits(ids, att, images, seq_mask, crop)[0, -1].numpy()
+    theirs = [layer.mlp.last_topk_idx.sort(-1).values.numpy() for layer in tm.language.model.layers
+              if hasattr(layer.mlp, "gate")]
+    cache = om.new_cache(1, T)
+    out = om.decoder.run(None, {"inputs_embeds": e.numpy(), "attention_mask": np.ones((1, T), np.int64),
+                                **cache.pasts})
+    ours = [np.sort(o, -1) for o in out[1 + len(om.past_names):]]
+    return np.concatenate([np.all(a == b, -1) for a, b in zip(theirs, ours)]), out[0][0], logits
+
+
+@pytest.mark.parametrize("variant", golden.VARIANTS)
+def test_int4_export_tracks_torch_with_the_same_packed_weights(exports, variant):
+    tm = VL2Model.from_pretrained(golden.model_dir(variant), dtype="float32", device="cpu", quant="int4-experts",
+                                  kernel="dequant")
+    fast, exact = OnnxModel(exports[variant, "int4-experts"]), OnnxModel(exports[variant, "exact"])
+    agreement = []
+    for case in ("square_384", "landscape_1024x768", "text_only"):
+        same, got, ref = _routing(tm, exact, case)  # accuracy_level 0: the graph is the torch model
+        assert same.all() and np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+        same, got, ref = _routing(tm, fast, case)  # accuracy_level 4: int8 activations inside MatMulNBits/QMoE
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 3e-2
+        agreement.append(same)
+    # the fixtures' routing margins go down to 5.6e-5 (see test_quant.py): a few near-ties flip
+    assert np.concatenate(agreement).mean() >= 0.96
+    ids, _, images, seq_mask, crop = _inputs("portrait_360x1000")
+    e = tm.embed(ids, images, seq_mask, crop)
+    for chunk in (e.shape[1], 64, 7):
+        ref = np.concatenate(_chunked(tm, e, e.shape[1], chunk, [3, 4]))
+        got = np.concatenate(_chunked(fast, e.numpy(), e.shape[1], chunk, [3, 4]))
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 3e-2, chunk
+
+
+def test_manifest_describes_the_artifact(exports):
+    d = exports["tiny", "int4-experts"]
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["format"] == "vl2edge.onnx.v1" and m["moe"] == "QMoE" and m["min_onnxruntime"] == "1.25.0"
+    assert set(m["graphs"]) == {"vision", "vision_int8", "decoder"} and m["default_vision"] == "vision"
+    assert m["graphs"]["decoder"]["past"][:2] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert m["quantization"]["language.model.layers.1.mlp.experts.0.up_proj.weight"]["bits"] == 4
+    assert m["quantization"]["vision.blocks.0.mlp.fc1.weight"]["graph"] == "vision_int8"
+    assert m["verification"]["decoder"]["rel_l2"] < 3e-2 and m["verification"]["vision"]["rel_l2"] < 1e-5
+    assert m["verification"]["vision_int8"]["rel_l2"] < 3e-2
+    assert set(m["files"]) >= {"decoder.onnx", "vision.onnx", "embed_tokens.npy", "tokenizer.json"}
+    assert OnnxModel(d).verify_files() == []
+    base = json.loads((exports["base", "int4-experts"] / "manifest.json").read_text())
+    assert base["moe"] == "masked-loop" and base["graphs"]["decoder"]["cache"]["kinds"] == ["latent"]
+
+
+def test_broken_artifacts_are_reported(exports, tmp_path):
+    d = tmp_path / "copy"
+    shutil.copytree(exports["small", "float32"], d)
+    (d / "embed_tokens.npy").write_bytes(b"garbage")
+    assert verify_files(d) == ["embed_tokens.npy"]
+    with pytest.raises(CheckpointError, match="embedding tables"):
+        OnnxModel(d)
+    shutil.copytree(exports["small", "float32"], d, dirs_exist_ok=True)
+    (d / "decoder.onnx").write_bytes(b"\x08\x01garbage")
+    with pytest.raises(CheckpointError, match="cannot be loaded by onnxruntime"):
+        OnnxModel(d)
+    (d / "decoder.onnx").unlink()
+    with pytest.raises(CheckpointError, match="decoder.onnx is missing"):
+        OnnxModel(d)
+    with pytest.raises(InputError, match="no 'vision_int8' graph"):
+        OnnxModel(exports["small", "float32"], vision="vision_int8")
+
+
+def test_onnx_backend_runs_without_torch(exports, tmp_path):
+    import vl2edge
+
+    d = exports["tiny", "int4-experts"]
+    conv, images = golden.conversation("square_384")
+    expected = vl2edge.load(d).chat(conv, images, max_new_tokens=6).token_ids
+    script = textwrap.dedent(f"""
+        import sys
+        class NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, NoTorch())
+        import vl2edge
+        from vl2edge import cli
+        pipe = vl2edge.load({str(d)!r})
+        res = pipe.chat({conv!r}, {[str(i) for i in images]!r}, max_new_tokens=6)
+        print(res.token_ids)
+        cli.main(["run", "--model", {str(d)!r}, "--prompt", "Hello", "--max-new-tokens", "3"])
+        assert "torch" not in sys.modules
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == str(expected)
+    assert "tok/s" in r.stderr
+
+
+def test_export_cli_refuses_bad_input(tmp_path):
+    from quant import convert
+    from vl2edge.quantize import Recipe
+
+    q = convert(golden.model_dir("tiny"), tmp_path / "q", Recipe("int8"), progress=False)
+    r = subprocess.run([sys.executable, "-m", "export", "--model", str(q), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "already quantized" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "export", "--model", str(tmp_path / "none"), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no such model directory" in r.stderr

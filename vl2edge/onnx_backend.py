@@ -1,0 +1,217 @@
+"""The ONNX Runtime backend: the decoder interface over an exported artifact directory, without torch.
+
+`OnnxModel(dir)` implements what `generate.py` drives (`new_cache`, `prefill`, `decode`) plus
+`embed` (token embeddings gathered from a memory-mapped table, image features from the vision graph,
+laid out by `processor.image_layout`). All tiles of a prompt go through the vision graph in one batch.
+The CUDA execution provider is used when `onnxruntime-gpu` is installed and a GPU is visible;
+threads default to the number of physical cores. See export/build.py for the directory layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .config import VL2Config
+from .errors import CheckpointError, InputError
+from .processor import gather_rows, image_layout
+
+FORMAT = "vl2edge.onnx.v1"
+MANIFEST = "manifest.json"
+
+
+def is_onnx_dir(path) -> bool:
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        return False
+    try:
+        return json.loads(f.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def physical_cores() -> int:
+    """Distinct (package, core) pairs in /proc/cpuinfo; os.cpu_count() where that is unavailable."""
+    try:
+        pairs, phys = set(), None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("physical id"):
+                phys = line.split(":")[1].strip()
+            elif line.startswith("core id"):
+                pairs.add((phys, line.split(":")[1].strip()))
+        if pairs:
+            return len(pairs)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def _version(v: str) -> tuple:
+    return tuple(int(x) for x in v.split("+")[0].split(".")[:3] if x.isdigit())
+
+
+class OnnxCache:
+    """Past tensors between calls and the attention mask so far.
+
+    Concatenating graphs (MLA, plain ops): `pasts` are the previous call's presents. GroupQueryAttention
+    graphs: `pasts` are preallocated [B, KV, max_len, hd] buffers bound as both past and present, which
+    the graph updates in place (no copy of the cache per token).
+    """
+
+    def __init__(self, pasts: dict[str, np.ndarray], batch: int, shared: bool):
+        self.pasts, self.mask, self.length, self.shared = pasts, np.zeros((batch, 0), np.int64), 0, shared
+        self.values = None
+        if shared:
+            import onnxruntime as ort
+
+            self.values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in pasts.items()}
+
+
+class OnnxModel:
+    def __init__(self, root, device: str = "auto", threads: int | None = None, vision: str | None = None):
+        import onnxruntime as ort
+
+        self.root = Path(root)
+        try:
+            self.manifest = json.loads((self.root / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.root / MANIFEST} cannot be read: {e}") from None
+        m = self.manifest
+        if m.get("format") != FORMAT:
+            raise CheckpointError(f"{self.root} is not a vl2edge ONNX export (format {m.get('format')!r})")
+        if _version(ort.__version__) < _version(m["min_onnxruntime"]):
+            raise InputError(f"{self.root} needs onnxruntime >= {m['min_onnxruntime']} (installed: {ort.__version__}); "
+                             f"pip install -U onnxruntime")
+        self.config = VL2Config.from_pretrained(self.root)
+        available = ort.get_available_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in available:
+            raise InputError("--device cuda needs onnxruntime-gpu with a visible GPU "
+                             "(pip uninstall onnxruntime && pip install onnxruntime-gpu)")
+        self.providers = (["CUDAExecutionProvider"] if device != "cpu" and "CUDAExecutionProvider" in available
+                          else []) + ["CPUExecutionProvider"]
+        self.options = ort.SessionOptions()
+        self.options.intra_op_num_threads = threads or physical_cores()
+        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.graphs = m["graphs"]
+        self.decoder = self._session("decoder")
+        self.vision_name = vision or m["default_vision"]
+        if self.vision_name not in self.graphs:
+            raise InputError(f"{self.root} has no {self.vision_name!r} graph (has: {', '.join(self.graphs)})")
+        self._vision: dict = {}
+        t = m["tensors"]
+        try:
+            self.embed_tokens = np.load(self.root / t["embed_tokens"], mmap_mode="r")
+            self.image_newline = np.load(self.root / t["image_newline"])
+            self.view_seperator = np.load(self.root / t["view_seperator"])
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{self.root}: cannot read the embedding tables: {e}") from None
+        io = self.graphs["decoder"]
+        self.past_names, self.present_names = io["past"], io["present"]
+        self.cache_layout = io["cache"]
+
+    def _session(self, name: str):
+        import onnxruntime as ort
+
+        path = self.root / self.graphs[name]["file"]
+        if not path.is_file():
+            raise CheckpointError(f"{self.root}: {path.name} is missing")
+        try:
+            return ort.InferenceSession(str(path), self.options, providers=self.providers)
+        except Exception as e:
+            raise CheckpointError(f"{path} cannot be loaded by onnxruntime: {str(e).splitlines()[0]}") from None
+
+    def vision_session(self, name: str | None = None):
+        name = name or self.vision_name
+        if name not in self._vision:
+            self._vision[name] = self._session(name)
+        return self._vision[name]
+
+    # -- embeddings -----------------------------------------------------------------------------------
+
+    def encode_tiles(self, pixels: np.ndarray) -> np.ndarray:
+        return self.vision_session().run(None, {"pixel_values": np.ascontiguousarray(pixels, np.float32)})[0]
+
+    def embed(self, input_ids, images=None, images_seq_mask=None, images_spatial_crop=None) -> np.ndarray:
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.embed_tokens.shape[0]):
+            raise InputError(f"token ids must be in [0, {self.embed_tokens.shape[0]})")
+        embeds = np.asarray(self.embed_tokens[ids], dtype=np.float32)
+        if images is None or images_spatial_crop is None or not np.asarray(images_spatial_crop).any():
+            return embeds
+        images, mask = np.asarray(images), np.asarray(images_seq_mask, dtype=bool)
+        tiles, rows = image_layout(images_spatial_crop, self.config.tokens_per_side, self.config.global_view_pos,
+                                   lambda b, t1, t2: np.array_equal(images[b, t1], images[b, t2]))
+        feats = self.encode_tiles(np.stack([images[b, t] for b, t in tiles])).reshape(-1, embeds.shape[-1])
+        table = np.concatenate([feats, self.image_newline[None], self.view_seperator[None]])
+        for b, r in enumerate(rows):
+            if int(mask[b].sum()) != len(r):
+                raise InputError(f"row {b}: images_seq_mask marks {int(mask[b].sum())} positions but the images "
+                                 f"give {len(r)} feature rows")
+            embeds[b, mask[b]] = table[gather_rows(r, feats.shape[0])]
+        return embeds
+
+    # -- the decoder interface ------------------------------------------------------------------------
+
+    def new_cache(self, batch: int, max_len: int) -> OnnxCache:
+        shared = self.cache_layout.get("shared_buffer", False)
+        shape = list(self.cache_layout["shape"])
+        shape[0], shape[self.cache_layout["sequence_axis"]] = batch, max_len if shared else 0
+        return OnnxCache({n: np.zeros(shape, np.float32) for n in self.past_names}, batch, shared)
+
+    def _run(self, embeds: np.ndarray, cache: OnnxCache, mask: np.ndarray) -> np.ndarray:
+        mask = np.asarray(mask, dtype=np.int64)
+        if cache.shared and not mask.all():
+            raise InputError("this ONNX export (GroupQueryAttention) takes batches without padding")
+        cache.mask = np.concatenate([cache.mask, mask], axis=1)
+        embeds = np.ascontiguousarray(embeds, np.float32)
+        if cache.shared:
+            io = self.decoder.io_binding()
+            io.bind_cpu_input("inputs_embeds", embeds)
+            io.bind_cpu_input("attention_mask", cache.mask)
+            io.bind_output("logits")
+            for past, present in zip(self.past_names, self.present_names):
+                io.bind_ortvalue_input(past, cache.values[past])
+                io.bind_ortvalue_output(present, cache.values[past])
+            self.decoder.run_with_iobinding(io)
+            logits = io.get_outputs()[0].numpy()
+        else:
+            out = self.decoder.run(None, {"inputs_embeds": embeds, "attention_mask": cache.mask, **cache.pasts})
+            cache.pasts = dict(zip(self.past_names, out[1:1 + len(self.past_names)]))
+            logits = out[0]
+        cache.length = cache.mask.shape[1]
+        return logits
+
+    def prefill(self, embeds, cache: OnnxCache, attention_mask=None) -> np.ndarray:
+        B, T = embeds.shape[:2]
+        mask = np.ones((B, T), np.int64) if attention_mask is None else attention_mask
+        return self._run(np.asarray(embeds), cache, mask)
+
+    def decode(self, token_ids, cache: OnnxCache) -> np.ndarray:
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
+        return self._run(self.embed(ids), cache, np.ones_like(ids))
+
+    def verify_files(self) -> list[str]:
+        return verify_files(self.root)
+
+
+def verify_files(root) -> list[str]:
+    """Files of an export whose sha256 differs from manifest.json's, or that are missing (empty: all good)."""
+    import hashlib
+
+    root = Path(root)
+    bad = []
+    for name, digest in json.loads((root / MANIFEST).read_text()).get("files", {}).items():
+        h = hashlib.sha256()
+        try:
+            with open(root / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+        except OSError:
+            bad.append(name)
+            continue
+        if h.hexdigest() != digest:
+            bad.append(name)
+    return bad
