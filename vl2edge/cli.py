@@ -1,6 +1,10 @@
 """`vl2edge` command line: one entry point, a subcommand per job; each parses and calls one function.
 
-    vl2edge run --model PATH_OR_ID --image FILE --prompt TEXT [--json] ...
+    vl2edge run    --model M --image FILE --prompt TEXT [--draw out.png] [--json]
+    vl2edge chat   --model M [--image FILE]                 a terminal conversation (/image, /reset, /quit)
+    vl2edge batch  --model M INPUTS... --prompt TEXT --out results.jsonl [--resume]
+    vl2edge serve  --model M [--port 8000] [--api-key KEY] [--allowed-root DIR]
+    vl2edge info   --model M [--gpu-memory 8GiB] [--ram 16GiB]
 
 User mistakes (a `VL2Error`) print one line and exit with status 2; tracebacks are for bugs.
 """
@@ -8,11 +12,13 @@ User mistakes (a `VL2Error`) print one line and exit with status 2; tracebacks a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import sys
 
-from .errors import VL2Error
+from .errors import InputError, VL2Error
 
 
 def peak_memory() -> dict:
@@ -29,80 +35,265 @@ def build_prompt(prompt: str, n_images: int) -> str:
     return prompt if "<image>" in prompt or n_images == 0 else "<image>\n" * n_images + prompt
 
 
-def run(model: str, prompt: str, images: list[str], max_new_tokens: int, temperature: float, top_p: float,
-        repetition_penalty: float, seed: int | None, device: str, dtype: str, as_json: bool,
-        gpu_memory: str | None = None) -> None:
+def _load(a):
     from .pipeline import load
 
-    pipe = load(model, device=device, dtype=dtype, gpu_memory=gpu_memory)
-    plan = getattr(pipe.backend, "plan", None)
-    if plan is not None and not as_json:
-        print(plan, file=sys.stderr)
-    messages = [{"role": "<|User|>", "content": build_prompt(prompt, len(images))},
+    pipe = load(a.model, device=a.device, dtype=a.dtype, gpu_memory=a.gpu_memory)
+    if getattr(pipe.backend, "plan", None) is not None and not getattr(a, "json", False):
+        print(pipe.backend.plan, file=sys.stderr)
+    return pipe
+
+
+def _gen(a) -> dict:
+    return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p,
+            "repetition_penalty": a.repetition_penalty, "seed": a.seed}
+
+
+def _offload_line(pipe) -> str | None:
+    if getattr(pipe.backend, "plan", None) is None:
+        return None
+    from .offload import offload_stats
+
+    o = offload_stats(pipe.backend)
+    if not o["hits"] + o["misses"]:
+        return None
+    acc = "-" if o["prefetch_accuracy"] is None else f"{o['prefetch_accuracy']:.0%}"
+    return (f"[vl2edge] offload: {o['hits']} hits, {o['misses']} misses (hit rate {o['hit_rate']:.0%}), "
+            f"{o['prefetched']} prefetched (accuracy {acc}), {o['bytes_copied'] / 1e6:.1f} MB copied, "
+            f"stall {o['stall_s'] * 1e3:.1f} ms, {o['cpu_computed']} computed on the CPU")
+
+
+def _stats(res) -> str:
+    t, mem = res.timings, peak_memory()
+    rate = f"{t['decode_tok_s']:.1f} tok/s" if t["decode_tok_s"] else "-"
+    gpu = f" · peak GPU {mem['peak_gpu_bytes'] / 1e9:.2f} GB" if "peak_gpu_bytes" in mem else ""
+    return (f"[vl2edge] {res.prompt_tokens} prompt + {t['new_tokens']} new tokens ({res.finish_reason}) · "
+            f"TTFT {t['ttft_s']:.2f} s · {rate} · peak RSS {mem['peak_rss_bytes'] / 1e9:.2f} GB{gpu}")
+
+
+def draw_boxes(images: list[str], boxes, out: str) -> None:
+    from .grounding import draw
+    from .processor import load_image
+
+    if not images:
+        raise InputError("--draw needs an image")
+    try:
+        draw(load_image(images[-1]), boxes).save(out)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot write {out}: {e}") from None
+
+
+def run(a) -> None:
+    pipe = _load(a)
+    messages = [{"role": "<|User|>", "content": build_prompt(a.prompt, len(a.image))},
                 {"role": "<|Assistant|>", "content": ""}]
-    gen = pipe.generation(messages, images, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          repetition_penalty=repetition_penalty, seed=seed)
+    gen = pipe.generation(messages, a.image, **_gen(a))
     for piece in gen:
-        if not as_json:
+        if not a.json:
             sys.stdout.write(piece)
             sys.stdout.flush()
     res = gen.result
-    mem = peak_memory()
-    offload = None
-    if plan is not None:
+    if a.draw:
+        draw_boxes(a.image, res.boxes, a.draw)
+    if a.json:
         from .offload import offload_stats
 
-        offload = offload_stats(pipe.backend)
-    if as_json:
-        print(json.dumps({"model": model, "text": res.text, "token_ids": res.token_ids,
+        extra = {"offload": offload_stats(pipe.backend)} if getattr(pipe.backend, "plan", None) else {}
+        print(json.dumps({"model": a.model, "text": res.text, "token_ids": res.token_ids,
                           "finish_reason": res.finish_reason, "prompt_tokens": res.prompt_tokens,
-                          "timings": res.timings, **mem, **({"offload": offload} if offload else {})}, indent=2))
+                          "boxes": [b.as_dict() for b in res.boxes], "grounding_problems": res.grounding_problems,
+                          "timings": res.timings, **peak_memory(), **extra}, indent=2))
         return
-    t = res.timings
-    rate = f"{t['decode_tok_s']:.1f} tok/s" if t["decode_tok_s"] else "-"
-    gpu = f" · peak GPU {mem['peak_gpu_bytes'] / 1e9:.2f} GB" if "peak_gpu_bytes" in mem else ""
-    print(f"\n[vl2edge] {res.prompt_tokens} prompt + {t['new_tokens']} new tokens ({res.finish_reason}) · "
-          f"TTFT {t['ttft_s']:.2f} s · {rate} · peak RSS {mem['peak_rss_bytes'] / 1e9:.2f} GB{gpu}",
-          file=sys.stderr)
-    if offload and offload["hits"] + offload["misses"]:
-        acc = offload["prefetch_accuracy"]
-        print(f"[vl2edge] offload: {offload['hits']} hits, {offload['misses']} misses (hit rate "
-              f"{offload['hit_rate']:.0%}), {offload['prefetched']} prefetched (accuracy "
-              f"{'-' if acc is None else f'{acc:.0%}'}), {offload['bytes_copied'] / 1e6:.1f} MB copied, "
-              f"stall {offload['stall_s'] * 1e3:.1f} ms, {offload['cpu_computed']} computed on the CPU",
-              file=sys.stderr)
+    print(file=sys.stderr)
+    for b in res.boxes:
+        print(f"[vl2edge] box {b.label!r}: {b.pixels if b.pixels else b.norm}", file=sys.stderr)
+    print(_stats(res), file=sys.stderr)
+    line = _offload_line(pipe)
+    if line:
+        print(line, file=sys.stderr)
+
+
+def chat(a, stdin=None) -> None:
+    """A terminal conversation. /image PATH attaches a picture to the next message; /reset; /quit."""
+    stdin = stdin or sys.stdin
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401 - line editing and history for input()
+    pipe = _load(a)
+    messages, images, pending = [], [], list(a.image)
+    print("vl2edge chat — /image PATH to attach a picture, /reset to start over, /quit to leave", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ") if stdin is sys.stdin else stdin.readline()
+        except EOFError:
+            break
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            messages, images, pending = [], [], []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                from .processor import load_image
+
+                load_image(path)
+                pending.append(path)
+                print(f"(attached {path})", file=sys.stderr)
+            except InputError as e:
+                print(f"vl2edge: {e}", file=sys.stderr)
+            continue
+        user = {"role": "user", "content": build_prompt(line, len(pending))}
+        try:
+            gen = pipe.generation([*messages, user], images + pending, **_gen(a))
+            for piece in gen:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except InputError as e:
+            print(f"vl2edge: {e}", file=sys.stderr)
+            continue
+        print()
+        messages += [user, {"role": "assistant", "content": gen.result.text}]
+        images, pending = images + pending, []
+
+
+def batch(a) -> None:
+    from .batch import run_batch
+
+    if (a.prompt is None) == (a.prompt_file is None):
+        raise InputError("give exactly one of --prompt and --prompt-file")
+    prompt = a.prompt
+    if a.prompt_file:
+        try:
+            prompt = open(a.prompt_file, encoding="utf-8").read().strip()
+        except OSError as e:
+            raise InputError(f"cannot read {a.prompt_file}: {e.strerror}") from None
+    pipe = _load(a)
+    counts = run_batch(pipe, a.inputs, prompt, a.out, resume=a.resume, **_gen(a))
+    print(f"[vl2edge] batch: {counts['done']} answered, {counts['failed']} failed, {counts['skipped']} already "
+          f"done -> {a.out}", file=sys.stderr)
+
+
+def serve(a) -> None:
+    try:
+        from .server import Limits
+        from .server import serve as run_server
+    except ImportError:
+        raise InputError("vl2edge serve needs the serve extra: pip install 'vl2edge[serve]'") from None
+    pipe = _load(a)
+    key = a.api_key or os.environ.get("VL2EDGE_API_KEY")
+    print(f"[vl2edge] serving {a.model} on http://{a.host}:{a.port}/v1 "
+          f"({'API key required' if key else 'no API key'})", file=sys.stderr)
+    run_server(pipe, host=a.host, port=a.port, name=a.served_name or os.path.basename(str(a.model).rstrip("/")),
+               api_key=key, allowed_root=a.allowed_root, allow_remote=a.allow_remote_images,
+               max_queue=a.max_queue, limits=Limits(max_output_tokens=a.max_tokens))
+
+
+def info(a) -> None:
+    from pathlib import Path
+
+    from .config import PRESETS, VL2Config, preset
+    from .info import report
+    from .offload import parse_bytes
+
+    if a.model in PRESETS:
+        config = preset(a.model)
+    elif Path(a.model).is_dir():
+        config = VL2Config.from_pretrained(a.model)
+    else:
+        config = VL2Config.from_pretrained(_hub_config(a.model))
+    print(report(config, gpu_memory=parse_bytes(a.gpu_memory) if a.gpu_memory else None,
+                 ram=parse_bytes(a.ram) if a.ram else None, context=a.context, name=a.model))
+
+
+def _hub_config(repo: str):
+    from .errors import CheckpointError
+
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo, "config.json")
+    except Exception as e:
+        raise CheckpointError(f"{repo}: not a model directory, a preset, or a reachable Hugging Face id "
+                              f"({type(e).__name__})") from None
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vl2edge", description="DeepSeek-VL2 on hardware people own.")
     sub = ap.add_subparsers(dest="command", required=True)
+
+    def model_args(p):
+        p.add_argument("--model", required=True, help="model directory (checkpoint, quantized or ONNX export) "
+                                                      "or Hugging Face id, e.g. deepseek-ai/deepseek-vl2-tiny")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        p.add_argument("--gpu-memory", metavar="SIZE", default=None,
+                       help="device memory budget, e.g. 6GiB: plan the placement and stream the routed experts "
+                            "that do not fit from CPU memory (PyTorch backend)")
+
+    def gen_args(p, max_new=512):
+        p.add_argument("--max-new-tokens", type=int, default=max_new)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--repetition-penalty", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=None)
+
     r = sub.add_parser("run", help="answer one prompt about zero or more images, streaming the answer")
-    r.add_argument("--model", required=True, help="model directory or Hugging Face id "
-                                                  "(e.g. deepseek-ai/deepseek-vl2-tiny)")
+    model_args(r)
     r.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="an image file; repeat for several (each gets an <image> line unless the prompt places them)")
     r.add_argument("--prompt", required=True)
-    r.add_argument("--max-new-tokens", type=int, default=512)
-    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--repetition-penalty", type=float, default=1.0)
-    r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    r.add_argument("--gpu-memory", metavar="SIZE", default=None,
-                   help="device memory budget, e.g. 6GiB: plan the placement and stream the routed experts that do "
-                        "not fit from CPU memory (PyTorch backend)")
-    r.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings, memory)")
+    gen_args(r)
+    r.add_argument("--draw", metavar="PNG", help="save the last image with the answer's grounding boxes drawn")
+    r.add_argument("--json", action="store_true", help="print one JSON object (text, boxes, timings, memory)")
+    r.set_defaults(func=run)
+
+    c = sub.add_parser("chat", help="a conversation in the terminal (/image PATH, /reset, /quit)")
+    model_args(c)
+    c.add_argument("--image", action="append", default=[], metavar="FILE", help="attach to the first message")
+    gen_args(c)
+    c.set_defaults(func=chat)
+
+    b = sub.add_parser("batch", help="one prompt over images, folders and PDFs; results as JSON lines")
+    model_args(b)
+    b.add_argument("inputs", nargs="+", help="image files, PDFs or folders (searched recursively)")
+    b.add_argument("--prompt")
+    b.add_argument("--prompt-file")
+    b.add_argument("--out", required=True, help="results file (JSON lines)")
+    b.add_argument("--resume", action="store_true", help="skip what --out already holds")
+    gen_args(b)
+    b.set_defaults(func=batch)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
+    model_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set VL2EDGE_API_KEY)")
+    s.add_argument("--allowed-root", metavar="DIR", help="serve local image paths under DIR (default: none)")
+    s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    s.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429")
+    s.add_argument("--max-tokens", type=int, default=2048, help="cap on a request's max_tokens")
+    s.add_argument("--served-name", help="model id reported by /v1/models (default: the directory name)")
+    s.set_defaults(func=serve)
+
+    i = sub.add_parser("info", help="parameters, sizes per recipe and what fits where, from the config alone")
+    i.add_argument("--model", required=True, help="model directory, Hugging Face id or preset name")
+    i.add_argument("--gpu-memory", metavar="SIZE")
+    i.add_argument("--ram", metavar="SIZE")
+    i.add_argument("--context", type=int, default=None, help="KV cache positions to plan for (default: max)")
+    i.set_defaults(func=info)
     return ap
 
 
 def main(argv=None) -> None:
     a = _parser().parse_args(argv)
     try:
-        if a.command == "run":
-            run(model=a.model, prompt=a.prompt, images=a.image, max_new_tokens=a.max_new_tokens,
-                temperature=a.temperature, top_p=a.top_p, repetition_penalty=a.repetition_penalty, seed=a.seed,
-                device=a.device, dtype=a.dtype, as_json=a.json, gpu_memory=a.gpu_memory)
+        a.func(a)
     except VL2Error as e:
         print(f"vl2edge: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

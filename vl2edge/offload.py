@@ -307,27 +307,25 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def plan_placement(model, budget: int, context: int, batch: int = 1) -> Plan:
-    """Non-expert weights, KV cache for `context` positions and a workspace first; expert slots with the rest.
-
-    Raises InputError when even the non-expert part does not fit.
-    """
-    from .errors import InputError
-    from .language import MoE
-
-    c = model.config.language_config
-    moes = [layer.mlp for layer in model.language.model.layers if isinstance(layer.mlp, MoE)]
-    expert_params = {id(t) for m in moes for t in list(m.experts.parameters()) + list(m.experts.buffers())}
-    non_expert = sum(_nbytes(t) for t in list(model.parameters()) + list(model.buffers()) if id(t) not in expert_params)
-    item = torch.empty(0, dtype=model.dtype).element_size()
+def fixed_costs(config, context: int, item: int, batch: int = 1) -> tuple[int, int]:
+    """(KV cache bytes for `context` positions, workspace bytes): ten vision tiles through the tower or a
+    512-token prefill chunk, plus the allocator's slack."""
+    c, v = config.language_config, config.vision_config
     per_pos = (c.kv_lora_rank + c.qk_rope_head_dim) if c.use_mla else 2 * c.num_key_value_heads * c.head_dim
     kv = c.num_hidden_layers * batch * context * per_pos * item
-    v = model.config.vision_config
     n = v.grid * v.grid
-    # ten tiles through the vision tower, or a 512-token prefill chunk, plus the allocator's slack
     workspace = max(10 * n * (3 * v.width + v.mlp_hidden) * item * 2,
                     512 * (c.intermediate_size * 3 + c.hidden_size * 8) * item) + 256 * 2**20
-    expert_bytes = sum(_nbytes(t) for t in _expert_tensors(moes[0].experts, 0).values()) if moes else 0
+    return kv, workspace
+
+
+def plan_sizes(config, budget: int, context: int, item: int, non_expert: int, expert_bytes: int) -> Plan:
+    """Non-expert weights, KV cache and workspace first; expert slots with the rest (InputError if short)."""
+    from .errors import InputError
+
+    c = config.language_config
+    moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+    kv, workspace = fixed_costs(config, context, item)
     E = c.n_routed_experts or 0
     fixed = non_expert + kv + workspace
     if budget < fixed:
@@ -335,8 +333,20 @@ def plan_placement(model, budget: int, context: int, batch: int = 1) -> Plan:
                          f"{non_expert / 2**30:.2f} GiB of weights + {kv / 2**30:.2f} GiB KV cache for {context} "
                          f"positions + {workspace / 2**30:.2f} GiB workspace = {fixed / 2**30:.2f} GiB; give it more "
                          "memory, a shorter context, or quantize (--quant int4-experts)")
-    slots = min(E, (budget - fixed) // (len(moes) * expert_bytes)) if moes and expert_bytes else E
-    return Plan(budget, non_expert, kv, workspace, expert_bytes, len(moes), E, int(slots))
+    slots = min(E, (budget - fixed) // (moe_layers * expert_bytes)) if moe_layers and expert_bytes else E
+    return Plan(budget, non_expert, kv, workspace, expert_bytes, moe_layers, E, int(slots))
+
+
+def plan_placement(model, budget: int, context: int) -> Plan:
+    """The plan for a loaded model, from the bytes its tensors actually take."""
+    from .language import MoE
+
+    moes = [layer.mlp for layer in model.language.model.layers if isinstance(layer.mlp, MoE)]
+    expert_params = {id(t) for m in moes for t in list(m.experts.parameters()) + list(m.experts.buffers())}
+    non_expert = sum(_nbytes(t) for t in list(model.parameters()) + list(model.buffers()) if id(t) not in expert_params)
+    expert_bytes = sum(_nbytes(t) for t in _expert_tensors(moes[0].experts, 0).values()) if moes else 0
+    item = torch.empty(0, dtype=model.dtype).element_size()
+    return plan_sizes(model.config, budget, context, item, non_expert, expert_bytes)
 
 
 def offload(model, device, plan: Plan, cost: CostModel | None = None, pin: bool | None = None):

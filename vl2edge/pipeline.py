@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import InputError
 from .generate import DEFAULT_CHUNK, generate
+from .grounding import parse as parse_grounding
 from .processor import Processor
 from .sampling import SamplingParams
 
@@ -24,10 +25,12 @@ from .sampling import SamplingParams
 class Result:
     text: str
     token_ids: list[int]          # the new tokens only (an eos that ended the answer included)
-    finish_reason: str            # "stop" (eos) or "length"
+    finish_reason: str            # "stop" (eos or a stop string) or "length"
     prompt_tokens: int
     timings: dict = field(default_factory=dict)
-    image_sizes: list = field(default_factory=list)  # original (w, h) of each image, for grounding boxes
+    image_sizes: list = field(default_factory=list)  # original (w, h) of each image
+    boxes: list = field(default_factory=list)        # grounding.Box: <|det|> boxes in pixels of the last image
+    grounding_problems: list = field(default_factory=list)
 
 
 class TextStream:
@@ -56,15 +59,19 @@ class Generation:
     """One answer in progress: iterate for text pieces; `.result` once exhausted."""
 
     def __init__(self, pipe: Pipeline, messages, images, max_new_tokens, temperature, top_p,
-                 repetition_penalty, seed, chunk_size):
-        self.pipe, self.result = pipe, None
+                 repetition_penalty, seed, chunk_size, stop=None, inputs=None):
+        self.pipe, self.result, self.inputs = pipe, None, inputs
+        stop = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        if not all(isinstance(s, str) for s in stop):
+            raise InputError("stop must be a string or a list of strings")
+        self.stop = stop
         self._args = (messages, images, max_new_tokens, SamplingParams(temperature, top_p, repetition_penalty),
                       seed, chunk_size)
 
     def __iter__(self) -> Iterator[str]:
         messages, images, max_new, params, seed, chunk = self._args
         pipe, t0 = self.pipe, time.perf_counter()
-        inputs = pipe.processor(messages, images)
+        inputs = self.inputs if self.inputs is not None else pipe.processor(messages, images)
         T, limit = inputs.input_ids.shape[1], pipe.context_length
         if limit <= T:
             raise InputError(f"the prompt is {T} tokens (images included) but the model's context is {limit}; "
@@ -75,6 +82,8 @@ class Generation:
         t_embed = time.perf_counter()
         stream, ids, first = TextStream(pipe.processor.decode), [], None
         eos = pipe.processor.eos_id
+        text, sent, stopped = "", 0, False
+        hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string may still be forming
         for tok in generate(pipe.backend, embeds, inputs.attention_mask, max_new_tokens=max_new, eos_id=eos,
                             params=params, rng=np.random.default_rng(seed), prompt_ids=inputs.input_ids,
                             chunk_size=chunk):
@@ -82,19 +91,26 @@ class Generation:
             t = int(tok[0])
             ids.append(t)
             if t == eos:
+                stopped = True
                 break
-            piece = stream.push(t)
-            if piece:
-                yield piece
-        tail = stream.flush()
-        if tail:
-            yield tail
+            text += stream.push(t)
+            cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, stopped = text[:cut], True
+                break
+            if len(text) - hold > sent:
+                yield text[sent:len(text) - hold]
+                sent = len(text) - hold
+        if not stopped:
+            text += stream.flush()
+        if len(text) > sent:
+            yield text[sent:]
         end = time.perf_counter()
         n = len(ids)
+        g = parse_grounding(text, inputs.image_sizes[0])
         self.result = Result(
-            text=pipe.processor.decode([i for i in ids if i != eos]),
-            token_ids=ids, finish_reason="stop" if ids and ids[-1] == eos else "length", prompt_tokens=T,
-            image_sizes=inputs.image_sizes[0],
+            text=text, token_ids=ids, finish_reason="stop" if stopped else "length", prompt_tokens=T,
+            image_sizes=inputs.image_sizes[0], boxes=g.boxes, grounding_problems=g.problems,
             timings={"embed_s": t_embed - t0, "ttft_s": (first or end) - t0, "total_s": end - t0,
                      "new_tokens": n, "decode_tok_s": (n - 1) / (end - first) if first and n > 1 else None})
 
@@ -105,11 +121,15 @@ class Pipeline:
 
     def generation(self, messages, images=None, *, max_new_tokens: int = 512, temperature: float = 0.0,
                    top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                   chunk_size: int = DEFAULT_CHUNK) -> Generation:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+                   chunk_size: int = DEFAULT_CHUNK, stop=None, inputs=None) -> Generation:
+        """An answer in progress (iterate for text pieces). `inputs`: the processor's output for these
+        messages, when the caller has already computed it."""
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise InputError(f"seed must be a non-negative integer, got {seed!r}")
         return Generation(self, messages, images, max_new_tokens, temperature, top_p, repetition_penalty, seed,
-                          chunk_size)
+                          chunk_size, stop, inputs)
 
     def stream(self, messages, images=None, **kw) -> Iterator[str]:
         """Text pieces of the answer as they are decoded."""
