@@ -84,7 +84,7 @@ def bytes_per_token(config, ctx: int, float_bytes: int, specs: dict | None = Non
 
 
 def worker(kind: str, path: str, option: str, runs: int, new_tokens: int) -> dict:
-    from vl2edge.generate import prefill
+    from bench.common import decode_rate, first_token
     from vl2edge.processor import Processor
     from vl2edge.synthetic import sample_image
 
@@ -104,26 +104,15 @@ def worker(kind: str, path: str, option: str, runs: int, new_tokens: int) -> dic
     row = {"load_s": round(load_s, 1)}
     conv = [{"role": "<|User|>", "content": "<image>\nDescribe this image."}, {"role": "<|Assistant|>", "content": ""}]
     for size in ((384, 384), (1024, 768)):
-        image, ttft = sample_image().resize(size), []
+        image, ttft, rates = sample_image().resize(size), [], []
         for _ in range(runs):
-            t0 = time.perf_counter()
-            inp = proc(conv, [image])
-            embeds = model.embed(inp.input_ids, inp.images, inp.images_seq_mask, inp.images_spatial_crop)
-            T = inp.input_ids.shape[1]
-            cache = model.new_cache(1, T + new_tokens)
-            tok = prefill(model, embeds, inp.attention_mask, cache).argmax(-1)
-            ttft.append(time.perf_counter() - t0)
+            seconds, T, tok, cache = first_token(model, proc, conv, image, new_tokens)
+            ttft.append(seconds)
+            if size == (384, 384):
+                rates.append(decode_rate(model, tok, cache, new_tokens))
         row[f"ttft_{size[0]}x{size[1]}_s"] = round(statistics.median(ttft), 2)
         row[f"prompt_tokens_{size[0]}x{size[1]}"] = T
-        if size == (384, 384):
-            rates = []
-            for _ in range(runs):
-                cache = model.new_cache(1, T + new_tokens)
-                tok = prefill(model, embeds, inp.attention_mask, cache).argmax(-1)
-                t0 = time.perf_counter()
-                for _ in range(new_tokens - 1):
-                    tok = model.decode(tok, cache).argmax(-1)
-                rates.append((new_tokens - 1) / (time.perf_counter() - t0))
+        if rates:
             row["decode_tok_s"] = round(statistics.median(rates), 2)
             row["bytes_per_token"] = bytes_per_token(config, T + new_tokens // 2, fbytes, specs)
     row["peak_rss_GB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 def worker(model_dir: str, dtype: str, runs: int, new_tokens: int) -> dict:
     import torch
 
-    from vl2edge.generate import prefill
+    from bench.common import decode_rate, first_token
     from vl2edge.model import VL2Model
     from vl2edge.processor import Processor
     from vl2edge.synthetic import sample_image
@@ -41,18 +41,12 @@ def worker(model_dir: str, dtype: str, runs: int, new_tokens: int) -> dict:
     for _ in range(runs):
         t0 = time.perf_counter()
         inp = proc(conv, [image])
-        embeds = model.embed(inp.input_ids, inp.images, inp.images_seq_mask, inp.images_spatial_crop)
-        t1 = time.perf_counter()
-        cache = model.new_cache(1, inp.input_ids.shape[1] + new_tokens)
-        tok = prefill(model, embeds, inp.attention_mask, cache).argmax(-1)
-        t2 = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            tok = model.decode(tok, cache).argmax(-1)
-        t3 = time.perf_counter()
-        ttft.append(t2 - t0)
-        vision.append(t1 - t0)
-        tok_s.append((new_tokens - 1) / (t3 - t2))
-    return {"dtype": dtype, "load_s": round(load_s, 1), "prompt_tokens": int(inp.input_ids.shape[1]),
+        model.embed(inp.input_ids, inp.images, inp.images_seq_mask, inp.images_spatial_crop)
+        vision.append(time.perf_counter() - t0)
+        seconds, T, tok, cache = first_token(model, proc, conv, image, new_tokens)
+        ttft.append(seconds)
+        tok_s.append(decode_rate(model, tok, cache, new_tokens))
+    return {"dtype": dtype, "load_s": round(load_s, 1), "prompt_tokens": T,
             "ttft_s": round(statistics.median(ttft), 3), "vision_s": round(statistics.median(vision), 3),
             "decode_tok_s": round(statistics.median(tok_s), 2), "runs": runs, "new_tokens": new_tokens,
             "threads": torch.get_num_threads(),

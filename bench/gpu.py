@@ -35,8 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import decode_rate, first_token  # noqa: E402
 from vl2edge.config import preset  # noqa: E402
-from vl2edge.generate import prefill  # noqa: E402
 from vl2edge.language import MoE  # noqa: E402
 from vl2edge.model import VL2Model  # noqa: E402
 from vl2edge.offload import CostModel, OffloadedExperts, Plan, offload, offload_stats  # noqa: E402
@@ -95,25 +95,11 @@ def measure(model: VL2Model, proc: Processor, new_tokens: int, runs: int, device
     conv = [{"role": "user", "content": "<image>\nDescribe this image."}]
     ttft, rates = [], []
     for _ in range(runs):
-        sync(device)
-        t0 = time.perf_counter()
-        inp = proc(conv, [image])
-        embeds = model.embed(inp.input_ids, inp.images, inp.images_seq_mask, inp.images_spatial_crop)
-        T = inp.input_ids.shape[1]
-        cache = model.new_cache(1, T + new_tokens)
-        tok = prefill(model, embeds, inp.attention_mask, cache).argmax(-1)
-        ttft.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            tok = model.decode(tok, cache).argmax(-1)
-        rates.append((new_tokens - 1) / (time.perf_counter() - t0))
+        seconds, T, tok, cache = first_token(model, proc, conv, image, new_tokens, device)
+        ttft.append(seconds)
+        rates.append(decode_rate(model, tok, cache, new_tokens, device))
     return {"ttft_s": round(statistics.median(ttft), 4), "decode_tok_s": round(statistics.median(rates), 1),
             "prompt_tokens": T}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def quantized_experts(model: VL2Model, recipe: str = "int4-experts") -> VL2Model:

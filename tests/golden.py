@@ -41,3 +41,14 @@ def expected(variant: str, case: str) -> dict[str, np.ndarray]:
 
 def expected_json(variant: str, case: str) -> dict:
     return json.loads((REF / variant / "cases" / case / "expected.json").read_text())
+
+
+# Prepended to a subprocess script: makes `import torch` fail, to prove a code path needs no torch.
+NO_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, NoTorch())
+"""

@@ -163,13 +163,7 @@ def test_onnx_backend_runs_without_torch(exports, tmp_path):
     d = exports["tiny", "int4-experts"]
     conv, images = golden.conversation("square_384")
     expected = vl2edge.load(d).chat(conv, images, max_new_tokens=6).token_ids
-    script = textwrap.dedent(f"""
-        import sys
-        class NoTorch:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this test")
-        sys.meta_path.insert(0, NoTorch())
+    script = golden.NO_TORCH + textwrap.dedent(f"""
         import vl2edge
         from vl2edge import cli
         pipe = vl2edge.load({str(d)!r})

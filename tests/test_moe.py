@@ -58,15 +58,6 @@ def test_group_limited_greedy_stays_in_the_best_groups():
     assert torch.allclose(w, p.gather(1, idx), atol=1e-6)
 
 
-@pytest.fixture
-def dense():
-    torch.manual_seed(1)
-    e = DenseExperts(8, 16, 12)
-    for p in (e.gate_proj, e.up_proj, e.down_proj):
-        p.copy_(torch.randn_like(p) * 0.3)
-    return e
-
-
 def _naive(e, x, idx, w):
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):

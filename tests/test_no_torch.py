@@ -4,15 +4,11 @@ import subprocess
 import sys
 import textwrap
 
+from tests.golden import NO_TORCH
+
 
 def test_core_runs_with_torch_unimportable(tmp_path):
-    script = textwrap.dedent(f"""
-        import sys
-        class NoTorch:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this test")
-        sys.meta_path.insert(0, NoTorch())
+    script = NO_TORCH + textwrap.dedent(f"""
         import vl2edge
         from vl2edge import synthetic
         from vl2edge.weights import Checkpoint

@@ -6,20 +6,10 @@ import torch
 
 from tests import golden
 from vl2edge.errors import InputError
-from vl2edge.experts import DenseExperts
 from vl2edge.generate import generate
 from vl2edge.model import VL2Model
 from vl2edge.offload import CostModel, OffloadedExperts, offload_stats, parse_bytes, plan_placement
 from vl2edge.qlinear import QuantExperts, QuantSpec
-
-
-@pytest.fixture
-def dense():
-    torch.manual_seed(0)
-    e = DenseExperts(8, 16, 12)
-    for p in (e.gate_proj, e.up_proj, e.down_proj):
-        p.copy_(torch.randn_like(p) * 0.3)
-    return e
 
 
 def test_lru_slots_hits_and_misses(dense):
