@@ -65,3 +65,13 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vl2edge", "run", "--model", str(tmp_path / "m"), "--prompt", "hi"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_quantizes_while_loading(capsys):
+    js = _run(capsys, "run", "--model", str(golden.model_dir("small")), "--prompt", "Hello", "--max-new-tokens", "4",
+              "--quant", "int8", "--json", "--dtype", "float32")
+    import vl2edge
+
+    ref = vl2edge.load(golden.model_dir("small"), device="cpu", dtype="float32", quant="int8")
+    assert json.loads(js.out)["token_ids"] == ref.chat([{"role": "<|User|>", "content": "Hello"}],
+                                                        max_new_tokens=4).token_ids

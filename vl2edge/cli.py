@@ -38,7 +38,7 @@ def build_prompt(prompt: str, n_images: int) -> str:
 def _load(a):
     from .pipeline import load
 
-    pipe = load(a.model, device=a.device, dtype=a.dtype, gpu_memory=a.gpu_memory)
+    pipe = load(a.model, device=a.device, dtype=a.dtype, gpu_memory=a.gpu_memory, quant=a.quant)
     if getattr(pipe.backend, "plan", None) is not None and not getattr(a, "json", False):
         print(pipe.backend.plan, file=sys.stderr)
     return pipe
@@ -232,6 +232,8 @@ def _parser() -> argparse.ArgumentParser:
                                                       "or Hugging Face id, e.g. deepseek-ai/deepseek-vl2-tiny")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        p.add_argument("--quant", choices=["int4-experts", "int8", "int4"], default=None,
+                       help="quantize a float checkpoint while loading (PyTorch backend)")
         p.add_argument("--gpu-memory", metavar="SIZE", default=None,
                        help="device memory budget, e.g. 6GiB: plan the placement and stream the routed experts "
                             "that do not fit from CPU memory (PyTorch backend)")
