@@ -48,7 +48,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _sample_inputs(src: Path, model: VL2Model):
+def _sample_inputs(src: Path):
     """A real prompt (one image, tiled) through the processor: what the verification feeds both sides."""
     proc = Processor.from_pretrained(src)
     return proc([{"role": "user", "content": "<image>\nDescribe this image in detail."}],
@@ -122,7 +122,7 @@ def export(src, dst, recipe: str = "int4-experts", block_size: int = 32, vision:
     quant = None if recipe == "float32" else Recipe(recipe, block_size=block_size)
     model = VL2Model.from_pretrained(src, dtype="float32", device="cpu", quant=quant, kernel="dequant")
     config: VL2Config = model.config
-    inputs = _sample_inputs(src, model)
+    inputs = _sample_inputs(src)
     ref = _reference(model, inputs)
     dst.mkdir(parents=True, exist_ok=True)
     np.save(dst / "embed_tokens.npy", model.language.model.embed_tokens.weight.detach().float().numpy())
