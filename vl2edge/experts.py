@@ -66,9 +66,6 @@ class Experts(nn.Module):
         slots[order] = out
         return slots
 
-    def active_experts(self, topk_idx: torch.Tensor) -> list[int]:
-        return sorted(set(topk_idx.reshape(-1).tolist()))
-
 
 class DenseExperts(Experts):
     """Routed experts in float, stacked per projection: gate_proj/up_proj [E, I, D], down_proj [E, D, I].

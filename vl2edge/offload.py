@@ -17,7 +17,7 @@ import itertools
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -265,7 +265,6 @@ class Plan:
     moe_layers: int
     n_experts: int
     slots: int
-    lines: list = field(default_factory=list)
 
     @property
     def fraction(self) -> float:
