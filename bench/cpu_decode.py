@@ -3,7 +3,7 @@
     .venv/bin/python bench/cpu_decode.py [--model models/syn-deepseek-vl2-tiny] [--runs 3] [--new-tokens 32]
 
 Full-size random-weight DeepSeek-VL2-Tiny (written once into models/, exported once with
-`python -m export`). One run measures, each backend in its own process: TTFT for a 384x384 and a
+`vl2edge export`). One run measures, each backend in its own process: TTFT for a 384x384 and a
 1024x768 image (processor + vision + prefill + first token), decode tokens/s after the 384x384 prompt,
 peak RSS; and, for the roofline, the machine's read bandwidth and the bytes each backend reads per
 decoded token (weights touched per token + the KV cache at that context).
@@ -62,7 +62,7 @@ def read_bandwidth() -> dict:
 
 def bytes_per_token(config, ctx: int, float_bytes: int, specs: dict | None = None) -> int:
     """Bytes of weights one decoded token reads (active experts only) plus its KV cache at `ctx`."""
-    from vl2edge.qlinear import QuantSpec
+    from vl2edge.quant.format import QuantSpec
 
     lc, specs = config.language_config, specs or {}
     total = 0
@@ -90,9 +90,9 @@ def worker(kind: str, path: str, option: str, runs: int, new_tokens: int) -> dic
 
     t0 = time.perf_counter()
     if kind == "torch":
-        from vl2edge.model import VL2Model
+        from vl2edge.models.loading import load_model
 
-        model = VL2Model.from_pretrained(path, dtype=option, device="cpu")
+        model = load_model(path, dtype=option, device="cpu").model
         config, specs, fbytes = model.config, None, 2 if option == "bfloat16" else 4
     else:
         from vl2edge.onnx_backend import OnnxModel
@@ -138,8 +138,8 @@ def main():
     for recipe in ("int4-experts", "int8"):
         out = src.parent / f"{src.name}-onnx-{recipe}"
         if not (out / "manifest.json").is_file():
-            subprocess.run([sys.executable, "-m", "export", "--model", str(src), "--out", str(out), "--recipe", recipe],
-                           check=True, cwd=ROOT)
+            subprocess.run([sys.executable, "-m", "vl2edge.export", "--model", str(src), "--out", str(out),
+                            "--recipe", recipe], check=True, cwd=ROOT)
         exports[recipe] = out
     bw = read_bandwidth()
     variants = [("torch fp32", "torch", src, "float32"), ("torch bf16", "torch", src, "bfloat16"),

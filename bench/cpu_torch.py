@@ -27,12 +27,12 @@ def worker(model_dir: str, dtype: str, runs: int, new_tokens: int) -> dict:
     import torch
 
     from bench.common import decode_rate, first_token
-    from vl2edge.model import VL2Model
+    from vl2edge.models.loading import load_model
     from vl2edge.processor import Processor
     from vl2edge.synthetic import sample_image
 
     t0 = time.perf_counter()
-    model = VL2Model.from_pretrained(model_dir, dtype=dtype, device="cpu")
+    model = load_model(model_dir, dtype=dtype, device="cpu").model
     proc = Processor.from_pretrained(model_dir)
     load_s = time.perf_counter() - t0
     image = sample_image().resize((384, 384))

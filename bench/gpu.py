@@ -37,29 +37,42 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import decode_rate, first_token  # noqa: E402
 from vl2edge.config import preset  # noqa: E402
-from vl2edge.language import MoE  # noqa: E402
-from vl2edge.model import VL2Model  # noqa: E402
-from vl2edge.offload import CostModel, OffloadedExperts, Plan, offload, offload_stats  # noqa: E402
+from vl2edge.models.experts import DenseExperts  # noqa: E402
+from vl2edge.models.language import MoEGate  # noqa: E402
+from vl2edge.models.model import VL2Model  # noqa: E402
+from vl2edge.models.offload import CostModel, OffloadedExperts, offload, offload_stats, plan_placement  # noqa: E402
+from vl2edge.models.swap import swap_modules  # noqa: E402
 from vl2edge.processor import Processor  # noqa: E402
+from vl2edge.quant.modules import QuantExperts  # noqa: E402
+from vl2edge.quant.recipes import Recipe  # noqa: E402
 from vl2edge.synthetic import sample_image, write_tokenizer  # noqa: E402
 
 
 def random_model(name: str, dtype, seed: int = 0) -> VL2Model:
     """A full-size model with random weights, built on the CPU without a checkpoint file."""
-    cfg = preset(name)
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = VL2Model(cfg)
-    for mod in model.modules():
-        for pname, p in list(mod.named_parameters(recurse=False)):
+        model = VL2Model(preset(name))
+    state = {}
+    for pname, p in model.state_dict().items():
+        t = torch.empty(p.shape, dtype=dtype)
+        if pname.endswith("weight") and p.dim() == 1:
+            t.fill_(1.0)
+        else:
             fan_in = p.shape[-1] if p.dim() > 1 else 1
-            t = torch.empty(p.shape, dtype=dtype)
-            if pname.endswith("weight") and p.dim() == 1:
-                t.fill_(1.0)
-            else:
-                t.normal_(0, (2.0 if "gate" in pname and p.dim() == 2 else 1.0) / fan_in ** 0.5)
-            setattr(mod, pname, torch.nn.Parameter(t, requires_grad=False))
-    return model.eval()
+            t.normal_(0, (2.0 if ".gate." in pname and p.dim() == 2 else 1.0) / fan_in ** 0.5)
+        state[pname] = t
+    model.load_state_dict(state, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+class CopyOnDemand(OffloadedExperts):
+    """The naive baseline: every use copies the expert again (no cache, no prefetch)."""
+
+    def acquire(self, e: int, keep: set[int]) -> int | None:
+        if e in self.lru:
+            self.free.append(self.evict(e))
+        return super().acquire(e, keep)
 
 
 class TraceGate(torch.nn.Module):
@@ -103,31 +116,13 @@ def measure(model: VL2Model, proc: Processor, new_tokens: int, runs: int, device
 
 
 def quantized_experts(model: VL2Model, recipe: str = "int4-experts") -> VL2Model:
-    """Swap each MoE layer's dense experts for packed ones (numpy quantizer, one thread per expert)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from vl2edge.qlinear import QuantExperts
-    from vl2edge.quantize import Recipe, quantize
-
+    """Swap each MoE layer's dense experts for packed ones (the recipe's expert spec)."""
     spec = Recipe(recipe).spec("language.model.layers.1.mlp.experts.0.gate_proj.weight")
-    for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        d = moe.experts
-        E, I, D = d.gate_proj.shape
-        q = QuantExperts(E, D, I, spec)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            w = getattr(d, name).float().numpy()
-            with ThreadPoolExecutor() as pool:
-                packed = list(pool.map(lambda e, w=w: quantize(w[e], spec), range(E)))
-            for k in packed[0]:
-                getattr(q, name)._buffers[k] = torch.from_numpy(np.stack([p[k] for p in packed]))
-        moe.experts = q
+    swap_modules(model, lambda name, m: QuantExperts.from_dense(m, spec) if isinstance(m, DenseExperts) else None)
     return model
 
 
 def run_model(name: str, args, device, dtype, proc) -> list[dict]:
-    from vl2edge.offload import plan_placement
-    from vl2edge.qlinear import QuantExperts
-
     rows = []
 
     def row(label, model, **extra):
@@ -153,33 +148,25 @@ def run_model(name: str, args, device, dtype, proc) -> list[dict]:
                 m.prepare(dtype, "dequant" if device.type == "cuda" else "auto")
         row("resident int4-experts", q)
         del q
-    plan = plan_placement(model, 16 * 2**30 if name == "deepseek-vl2" else 10**13, 4096) \
-        if device.type == "cuda" else Plan(0, 0, 0, 0, 0, 0, E, E)
-    offload(model, device, plan, cost=CostModel(enabled=device.type == "cuda"))
-    layers = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
-    if name == "deepseek-vl2" and device.type == "cuda":
-        row(f"offload, 16 GiB budget ({plan.slots}/{E} slots)", model, slots=plan.slots)
+    budget_slots = plan_placement(model, 16 * 2**30, 4096).slots if name == "deepseek-vl2" and \
+        device.type == "cuda" else None
 
-    def setting(label, slots, cost=None, no_cache=False, **extra):
-        for off in layers:
-            off.reset(slots, cost or CostModel(enabled=device.type == "cuda"), no_cache)
+    def setting(label, slots, cost=None, prefetch=True, kind=OffloadedExperts, **extra):
+        """Re-plan every layer with `slots` slots (the CPU stores are built once, then reused)."""
+        model.to("cpu")
+        offload(model, device, slots, cost or CostModel(enabled=device.type == "cuda"), prefetch=prefetch, kind=kind)
         row(label, model, slots=slots, **extra)
 
-    gates = {}
+    if budget_slots is not None:
+        setting(f"offload, 16 GiB budget ({budget_slots}/{E} slots)", budget_slots)
     for replay in (False, True):
-        if replay:
-            for layer in model.language.model.layers:
-                if isinstance(layer.mlp, MoE):
-                    gates[layer] = layer.mlp.gate
-                    layer.mlp.gate = TraceGate(layer.mlp.gate)
-            for off in layers:
-                off.next_gate = None  # the traces are not predictable from hidden states: no prefetch
+        if replay:  # the traces are not predictable from hidden states: no prefetch
+            swap_modules(model, lambda n, m: TraceGate(m) if isinstance(m, MoEGate) else None)
         for frac in (1.0, 0.5, 0.25, 0.125):
             setting(("replay (synthetic skewed routing), " if replay else "") + f"offload {frac:.1%} of experts",
-                    max(1, round(frac * E)))
-    for layer, gate in gates.items():
-        layer.mlp.gate = gate
-    setting("naive (copy on demand, no cache)", k, cost=CostModel(enabled=False), no_cache=True)
+                    max(1, round(frac * E)), prefetch=not replay)
+    swap_modules(model, lambda n, m: m.gate if isinstance(m, TraceGate) else None)
+    setting("naive (copy on demand, no cache)", k, cost=CostModel(enabled=False), prefetch=False, kind=CopyOnDemand)
     setting("cpu-experts (all routed experts computed on the CPU)", 0, cost=CostModel(enabled=False))
     return rows
 

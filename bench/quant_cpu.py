@@ -3,7 +3,7 @@
     .venv/bin/python bench/quant_cpu.py [--model models/syn-deepseek-vl2-tiny] [--runs 3] [--new-tokens 32]
 
 One run compares the bf16 full-size random DeepSeek-VL2-Tiny with its `int8` and `int4-experts`
-conversions (written next to it by `python -m quant`, timed, peak RSS of the conversion recorded).
+conversions (written next to it by `vl2edge quantize`, timed, peak RSS of the conversion recorded).
 Each model runs in its own process (bench/cpu_torch.py's worker), so peak RSS is its own.
 """
 
@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 def convert(src: Path, recipe: str) -> dict:
     dst = src.parent / f"{src.name}-{recipe}"
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", "import resource, sys; from quant.__main__ import main; "
-                        "main(sys.argv[1:]); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
+    r = subprocess.run([sys.executable, "-c", "import resource, sys; from vl2edge.cli import main; "
+                        "main(['quantize', *sys.argv[1:]]); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
                         str(src), str(dst), "--recipe", recipe], capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         raise SystemExit(r.stderr)

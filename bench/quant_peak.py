@@ -1,4 +1,4 @@
-"""Peak RAM of `python -m quant` on Base-sized tensors, without 80 GB of disk.
+"""Peak RAM of `vl2edge quantize` on Base-sized tensors, without 80 GB of disk.
 
     .venv/bin/python bench/quant_peak.py [--layers 2] [--out /tmp/quant-peak]
 
@@ -37,8 +37,9 @@ def main():
     rows = []
     for recipe in ("int8", "int4-experts"):
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", "import resource, sys; from quant.__main__ import main; "
-                            "main(sys.argv[1:]); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
+        r = subprocess.run([sys.executable, "-c", "import resource, sys; from vl2edge.cli import main; "
+                            "main(['quantize', *sys.argv[1:]]); "
+                            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
                             str(src), str(out / recipe), "--recipe", recipe], capture_output=True, text=True,
                            cwd=ROOT, check=True)
         rows.append({"recipe": recipe, "source_GB": round(disk_size(src) / 1e9, 2),

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -21,31 +20,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vl2edge.artifact import FORMAT, MANIFEST, sha256
 from vl2edge.config import VL2Config
 from vl2edge.errors import InputError
 from vl2edge.generate import prefill
 from vl2edge.hub import resolve
-from vl2edge.model import VL2Model
+from vl2edge.models.loading import load_model
+from vl2edge.models.model import VL2Model
 from vl2edge.processor import Processor
-from vl2edge.quantize import RECIPES, Recipe, read_manifest
+from vl2edge.quant.recipes import EXPORT_RECIPES, Recipe, read_manifest
 from vl2edge.synthetic import sample_image
+from vl2edge.weights import SIDE_FILES
 
 from .graphs import MS_OPSET, OPSET, export_decoder, export_vision, quantize_vision
-from .ops import prepare, qmoe_ok
-
-FORMAT = "vl2edge.onnx.v1"
-MANIFEST = "manifest.json"
-SIDE_FILES = ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json")
-EXPORT_RECIPES = ("float32", *RECIPES)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+from .ops import ExportMoE, prepare, qmoe_ok
 
 
 def _sample_inputs(src: Path):
@@ -120,7 +108,7 @@ def export(src, dst, recipe: str = "int4-experts", block_size: int = 32, vision:
     t0 = time.perf_counter()
     step("load + quantize")
     quant = None if recipe == "float32" else Recipe(recipe, block_size=block_size)
-    model = VL2Model.from_pretrained(src, dtype="float32", device="cpu", quant=quant, kernel="dequant")
+    model = load_model(src, dtype="float32", device="cpu", quant=quant, kernel="dequant").model
     config: VL2Config = model.config
     inputs = _sample_inputs(src)
     ref = _reference(model, inputs)
@@ -154,7 +142,7 @@ def export(src, dst, recipe: str = "int4-experts", block_size: int = 32, vision:
     for f in SIDE_FILES:
         if (src / f).is_file():
             shutil.copyfile(src / f, dst / f)
-    moes = [m for m in model.modules() if hasattr(m, "record")]  # the ExportMoE twins
+    moes = [m for m in model.modules() if isinstance(m, ExportMoE)]
     uses_qmoe = any(qmoe_ok(m.experts) for m in moes)
     manifest = {
         "format": FORMAT, "source": str(src),
@@ -177,7 +165,7 @@ def export(src, dst, recipe: str = "int4-experts", block_size: int = 32, vision:
     manifest["verification"] = _verify(dst, graphs, ref, inputs)
     done()
     step("checksums")
-    manifest["files"] = {p.name: _sha256(p) for p in sorted(dst.iterdir()) if p.name != MANIFEST}
+    manifest["files"] = {p.name: sha256(p) for p in sorted(dst.iterdir()) if p.name != MANIFEST}
     manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
     (dst / MANIFEST).write_text(json.dumps(manifest, indent=1))
     done()

@@ -1,9 +1,10 @@
 """The two exported graphs and their ONNX export: the vision tower + projector, and the decoder step.
 
-The decoder graph is the torch language model itself, run with `GraphCache` in place of the runtime's
-preallocated cache: past keys/values (MHA, BNSH) or past latents (MLA, [B, P, C+R]) come in as
-inputs and the concatenated presents go out, so one graph serves prefill (P = 0) and decode (T = 1)
-with dynamic batch, sequence and past lengths. Logits are computed for the last position only.
+The decoder graph is the torch language model itself, run with `GraphCache` (an implementation of
+`vl2edge.models.cache.Cache`) in place of the runtime's preallocated cache: past keys/values (MHA, BNSH)
+or past latents (MLA, [B, P, C+R]) come in as inputs and the concatenated presents go out, so one graph
+serves prefill (P = 0) and decode (T = 1) with dynamic batch, sequence and past lengths. Logits are
+computed for the last position only.
 
     decoder: inputs_embeds f32 [B,T,D], attention_mask i64 [B,P+T], past_key_values.{i}.key/.value
              (or .latent) -> logits f32 [B,V], present.{i}.key/.value (or .latent)
@@ -20,7 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vl2edge.model import VL2Model
+from vl2edge.models.model import VL2Model
+
+from .ops import ExportMHA, ExportMoE
 
 OPSET = 17          # ai.onnx; TorchScript export writes IR 8, which every onnxruntime >= 1.14 loads
 MS_OPSET = 1        # com.microsoft
@@ -63,7 +66,9 @@ class GraphCache:
 def cache_io(model: VL2Model) -> tuple[list[str], list[str], dict]:
     """Past input names, present output names, and the past tensors' layout for the manifest."""
     c = model.config.language_config
+    kinds: tuple[str, ...]
     if c.use_mla:
+        assert c.kv_lora_rank is not None  # LanguageConfig requires it with MLA
         kinds, axis, shape = ("latent",), 1, ["batch", "past", c.kv_lora_rank + c.qk_rope_head_dim]
     else:
         kinds, axis, shape = ("key", "value"), 2, ["batch", c.num_key_value_heads, "past", c.head_dim]
@@ -78,14 +83,21 @@ class DecoderGraph(nn.Module):
     def __init__(self, model: VL2Model, routing: bool = False):
         super().__init__()
         self.language = model.language
-        self.moes = [m for m in model.modules() if hasattr(m, "record")] if routing else []
+        self.moes = [m for m in model.modules() if isinstance(m, ExportMoE)] if routing else []
 
     def forward(self, inputs_embeds, attention_mask, *pasts):
         cache = GraphCache(pasts)
-        records: list = []
-        for m in self.moes:
-            m.record = records
-        logits = self.language(inputs_embeds, cache, attention_mask, last_only=True)
+        records: list[torch.Tensor] = []
+
+        def record(mod: ExportMoE, args: tuple, out) -> None:
+            records.append(mod.routing(args[0]))
+
+        hooks = [m.register_forward_hook(record) for m in self.moes]
+        try:
+            logits = self.language(inputs_embeds, cache, attention_mask, last_only=True)
+        finally:
+            for h in hooks:
+                h.remove()
         return (logits, *cache.presents, *records)
 
 
@@ -133,12 +145,12 @@ def export_decoder(model: VL2Model, out: Path, routing: bool = False) -> dict:
         | {n: {0: "batch", axis: "total"} for n in present_names}
     graph = DecoderGraph(model, routing)
     routing_names = [f"routing.{i}" for i, layer in enumerate(model.language.model.layers)
-                     if hasattr(layer.mlp, "record")] if routing else []
+                     if isinstance(layer.mlp, ExportMoE)] if routing else []
     dyn |= {n: {0: "tokens"} for n in routing_names}
     _export(graph, (embeds, mask, *pasts), out, ["inputs_embeds", "attention_mask", *past_names],
             ["logits", *present_names, *routing_names], dyn)
     # GroupQueryAttention can update a preallocated cache in place (past and present bound to one buffer)
-    layout["shared_buffer"] = any(type(m).__name__ == "ExportMHA" for m in model.modules())
+    layout["shared_buffer"] = any(isinstance(m, ExportMHA) for m in model.modules())
     return {"file": out.name, "inputs": ["inputs_embeds", "attention_mask", *past_names],
             "outputs": ["logits", *present_names, *routing_names], "past": past_names, "present": present_names,
             "cache": layout}

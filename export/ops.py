@@ -1,7 +1,7 @@
 """How the torch model's modules become ONNX Runtime ops (the translation table of the export).
 
-`prepare(model, ...)` swaps, in place and for export only, each module for a twin with the same
-weights whose forward traces to the op ORT runs fastest:
+`prepare(model, ...)` swaps (through `vl2edge.models.swap.swap_modules`), in place and for export
+only, each module for a twin with the same weights whose forward traces to the op ORT runs fastest:
 
     QLinear            -> com.microsoft MatMulNBits (accuracy_level 4 by default: int8 activations)
     MoE (packed)       -> com.microsoft QMoE over the active experts, routing equal to DeepSeek's via
@@ -13,7 +13,8 @@ weights whose forward traces to the op ORT runs fastest:
     MHAttention (Tiny) -> one fused q|k|v projection + com.microsoft GroupQueryAttention (RoPE inside,
                           rotate_half layout, BNSH cache; batches without left padding)
     MLP                -> one fused gate|up projection, Split, SiLU, down projection
-    MLAttention        -> the reference's absorbed form (one graph serves prefill and decode)
+    MLAttention        -> the reference's absorbed form for every length (one graph serves prefill and
+                          decode)
 
 Each custom op is an `autograd.Function` whose eager forward is the reference computation (so the
 trace has the right shapes) and whose `symbolic` emits the contrib op.
@@ -26,9 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.onnx import symbolic_helper
 
-from vl2edge.experts import DenseExperts
-from vl2edge.language import MLP, MHAttention, MLAttention, MoE, RMSNorm, apply_rope, rope_cos_sin
-from vl2edge.qlinear import QLinear, QuantExperts, QuantSpec, dequantize
+from vl2edge.models.experts import DenseExperts
+from vl2edge.models.language import MLP, MHAttention, MLAttention, MoE, RMSNorm, apply_rope, rope_cos_sin
+from vl2edge.models.model import VL2Model
+from vl2edge.models.swap import swap_modules
+from vl2edge.quant.format import QuantSpec, dequantize
+from vl2edge.quant.modules import QLinear, QuantExperts
 
 MS = "com.microsoft::"
 
@@ -139,8 +143,8 @@ class ExportLinear(nn.Module):
         self.q, self.acc = q, acc
 
     def forward(self, x):
-        q = self.q
-        y = MatMulNBitsFn.apply(x, q.qweight, q.scales, q._buffers.get("qzeros"), q.in_features, q.out_features,
+        q, p = self.q, self.q.packed()
+        y = MatMulNBitsFn.apply(x, p["qweight"], p["scales"], p.get("qzeros"), q.in_features, q.out_features,
                                 q.spec.bits, q.spec.block_size, self.acc)
         return y if q.bias is None else y + q.bias
 
@@ -149,16 +153,13 @@ class ExportLinear(nn.Module):
         return self.q.weight
 
 
-def fused(mods: list[nn.Module], acc: int) -> nn.Module:
+def fused(mods: list[nn.Linear | QLinear], acc: int) -> nn.Module:
     """One projection computing several at once (outputs concatenated): packed rows or float rows stacked."""
-    if all(isinstance(m, QLinear) for m in mods) and len({m.spec for m in mods}) == 1:
-        q = QLinear(mods[0].in_features, sum(m.out_features for m in mods), mods[0].spec,
-                    bias=mods[0].bias is not None)
-        for name in mods[0]._buffers:
-            q._buffers[name] = torch.cat([m._buffers[name] for m in mods])
-        if q.bias is not None:
-            q.bias = nn.Parameter(torch.cat([m.bias for m in mods]), requires_grad=False)
-        return ExportLinear(q, acc)
+    qs = [m for m in mods if isinstance(m, QLinear)]
+    if len(qs) == len(mods) and len({m.spec for m in qs}) == 1:
+        packed = {k: torch.cat([m.packed()[k] for m in qs]) for k in qs[0].packed()}
+        bias = torch.cat([m.bias for m in qs if m.bias is not None]) if qs[0].bias is not None else None
+        return ExportLinear(QLinear.from_packed(qs[0].spec, packed, qs[0].in_features, bias), acc)
     lin = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=mods[0].bias is not None)
     lin.weight = nn.Parameter(torch.cat([m.weight for m in mods]), requires_grad=False)
     if lin.bias is not None:
@@ -179,6 +180,17 @@ class ExportMLP(nn.Module):
     def forward(self, x):
         g, u = self.gate_up(x).split(self.inter, dim=-1)
         return self.down_proj(F.silu(g) * u)
+
+
+class ExportMLA(nn.Module):
+    """MLA in the absorbed form for every length: one graph for prefill and decode."""
+
+    def __init__(self, a: MLAttention):
+        super().__init__()
+        self.attn = a
+
+    def forward(self, x, positions, mask, cache):
+        return self.attn.attend(x, positions, mask, cache, expand=False)
 
 
 class ExportMHA(nn.Module):
@@ -220,10 +232,11 @@ def masked_experts(expert, n_experts: int, x: torch.Tensor, idx: torch.Tensor, w
 def _qexpert(ex: QuantExperts, acc: int):
     def run(e, x):
         def lin(p, h, N, K):
-            qw, sc, qz = p.row(e)
-            return MatMulNBitsFn.apply(h, qw, sc, qz, K, N, ex.spec.bits, ex.spec.block_size, acc)
+            t = ex.stack(p).row(e)
+            return MatMulNBitsFn.apply(h, t["qweight"], t["scales"], t.get("qzeros"), K, N, ex.spec.bits,
+                                       ex.spec.block_size, acc)
         D, I = ex.hidden, ex.inter
-        return lin(ex.down_proj, F.silu(lin(ex.gate_proj, x, I, D)) * lin(ex.up_proj, x, I, D), D, I)
+        return lin("down_proj", F.silu(lin("gate_proj", x, I, D)) * lin("up_proj", x, I, D), D, I)
     return run
 
 
@@ -236,27 +249,34 @@ def qmoe_ok(ex) -> bool:
 class ExportMoE(nn.Module):
     def __init__(self, moe: MoE, acc: int):
         super().__init__()
-        self.gate, self.experts, self.shared_experts, self.acc = moe.gate, moe.experts, moe.shared_experts, acc
-        self.record: list | None = None  # set by the exporter to expose each layer's top-k choice (tests)
+        self.gate, self.experts, self.acc = moe.gate, moe.experts, acc
+        self.shared_experts = None if moe.shared_experts is None else ExportMLP(moe.shared_experts, acc)
         ex = self.experts
-        if qmoe_ok(ex):  # fc1 = gate and up rows interleaved [g0, u0, g1, u1, ...], as QMoE's SwiGLU wants
-            for name, d in ex.down_proj._buffers.items():
-                g, u = ex.gate_proj._buffers[name], ex.up_proj._buffers[name]
-                self.register_buffer(f"fc1_{name}", torch.stack([g, u], dim=2).reshape(g.shape[0], 2 * g.shape[1], -1))
-                self.register_buffer(f"fc2_{name}", d.reshape(d.shape[0], d.shape[1], -1))
+        if isinstance(ex, QuantExperts) and qmoe_ok(ex):
+            # fc1 = gate and up rows interleaved [g0, u0, g1, u1, ...], as QMoE's SwiGLU wants
+            g, u, d = (ex.stack(p).tensors() for p in ("gate_proj", "up_proj", "down_proj"))
+            for name in d:
+                self.register_buffer(f"fc1_{name}", torch.stack([g[name], u[name]], dim=2)
+                                     .reshape(g[name].shape[0], 2 * g[name].shape[1], -1))
+                self.register_buffer(f"fc2_{name}", d[name].reshape(d[name].shape[0], d[name].shape[1], -1))
+
+    def routing(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's top-k expert choice [B*T, A] for hidden states x [B, T, D] (exposed by tests' exports)."""
+        k = self.gate.c.num_experts_per_tok
+        assert k is not None  # LanguageConfig requires it with routed experts
+        return torch.topk(self.gate.select_scores(x.reshape(-1, x.shape[-1]))[0], k, dim=-1)[1]
 
     def forward(self, x):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         c, ex = self.gate.c, self.experts
-        if self.record is not None:
-            self.record.append(torch.topk(self.gate.select_scores(flat)[0], c.num_experts_per_tok, dim=-1)[1])
         if qmoe_ok(ex):
             choice, scores = self.gate.select_scores(flat)
             norm = int(c.num_experts_per_tok > 1 and c.norm_topk_prob)
             weights = scores if norm else scores * c.routed_scaling_factor
-            y = QMoEFn.apply(flat, choice, weights, self.fc1_qweight, self.fc1_scales, self._buffers.get("fc1_qzeros"),
-                             self.fc2_qweight, self.fc2_scales, self._buffers.get("fc2_qzeros"), c.num_experts_per_tok,
+            fc = dict(self.named_buffers(recurse=False))
+            y = QMoEFn.apply(flat, choice, weights, fc["fc1_qweight"], fc["fc1_scales"], fc.get("fc1_qzeros"),
+                             fc["fc2_qweight"], fc["fc2_scales"], fc.get("fc2_qzeros"), c.num_experts_per_tok,
                              norm, ex.spec.bits, ex.spec.block_size, self.acc, ex.inter)
             if norm and c.routed_scaling_factor != 1.0:
                 y = y * c.routed_scaling_factor
@@ -268,7 +288,7 @@ class ExportMoE(nn.Module):
         return y + self.shared_experts(x) if self.shared_experts is not None else y
 
 
-def _rope_tables(model: nn.Module):
+def _rope_tables(model: VL2Model):
     """cos/sin [max_position, head_dim/2] for GroupQueryAttention (fp32 frequencies, as the runtime)."""
     c = model.config.language_config
     pos = torch.arange(c.max_position_embeddings)[None]
@@ -276,29 +296,27 @@ def _rope_tables(model: nn.Module):
     return cos[0, 0, :, : c.head_dim // 2].contiguous(), sin[0, 0, :, : c.head_dim // 2].contiguous()
 
 
-def prepare(model: nn.Module, accuracy_level: int = 4, plain: bool = False) -> nn.Module:
+def prepare(model: VL2Model, accuracy_level: int = 4, plain: bool = False) -> VL2Model:
     """Swap every module for its export twin (in place); returns the model. plain: standard ONNX ops only
     (no GroupQueryAttention / SimplifiedLayerNormalization), for the float32 verification export."""
-    tables = None
-    for name, mod in list(model.named_modules()):
-        parent_name, _, leaf = name.rpartition(".")
-        if not leaf:
-            continue
-        try:
-            parent = model.get_submodule(parent_name) if parent_name else model
-        except AttributeError:  # inside a module already replaced
-            continue
-        if isinstance(mod, MHAttention) and not plain:
-            tables = tables or _rope_tables(model)
-            setattr(parent, leaf, ExportMHA(mod, accuracy_level, *tables))
-        elif isinstance(mod, MLP):
-            setattr(parent, leaf, ExportMLP(mod, accuracy_level))
-        elif isinstance(mod, QLinear):
-            setattr(parent, leaf, ExportLinear(mod, accuracy_level))
-        elif isinstance(mod, RMSNorm) and not plain:
-            setattr(parent, leaf, ExportRMSNorm(mod))
-        elif isinstance(mod, MoE) and isinstance(mod.experts, (QuantExperts, DenseExperts)):
-            setattr(parent, leaf, ExportMoE(mod, accuracy_level))
-        elif isinstance(mod, MLAttention):
-            mod.EXPAND_MIN_T = 1 << 62  # the absorbed form for every length
+    acc = accuracy_level
+    tables = None if plain or model.config.language_config.use_mla else _rope_tables(model)
+
+    def twin(name: str, mod: nn.Module) -> nn.Module | None:
+        if isinstance(mod, MHAttention) and tables is not None:
+            return ExportMHA(mod, acc, *tables)
+        if isinstance(mod, MLAttention):
+            swap_modules(mod, twin, name + ".")  # its projections and norms first
+            return ExportMLA(mod)
+        if isinstance(mod, MLP):
+            return ExportMLP(mod, acc)
+        if isinstance(mod, QLinear):
+            return ExportLinear(mod, acc)
+        if isinstance(mod, RMSNorm) and not plain:
+            return ExportRMSNorm(mod)
+        if isinstance(mod, MoE) and isinstance(mod.experts, (QuantExperts, DenseExperts)):
+            return ExportMoE(mod, acc)
+        return None
+
+    swap_modules(model, twin)
     return model

@@ -1,7 +1,8 @@
-"""Offline quantizer: `python -m quant SRC DST --recipe NAME` streams a float DeepSeek-VL2 checkpoint
-into a quantized model directory. The format, math and recipes live in `vl2edge` (`qlinear`,
-`quantize`) because the runtime also quantizes while loading; this package is the conversion tool."""
+"""Quantization, shipped as `vl2edge.quant` (this folder is mapped there by pyproject.toml).
 
-from .convert import convert
-
-__all__ = ["convert"]
+    format.py      the packed 4/8-bit format: QuantSpec, pack/unpack, dequantize (numpy; no torch)
+    quantizers.py  RTN and MSE quantizers: float rows -> packed (numpy; no torch)
+    recipes.py     recipes (which tensor gets which spec) and quantization.json (no torch)
+    convert.py     the streaming float -> quantized checkpoint converter (`vl2edge quantize`; no torch)
+    modules.py     the torch modules over packed weights: QLinear, QuantExperts
+"""

@@ -18,13 +18,13 @@ import numpy as np
 from vl2edge.config import VL2Config
 from vl2edge.errors import CheckpointError
 from vl2edge.hub import resolve
-from vl2edge.quantize import Recipe, base_name, packed_tensor_shapes, quantize, read_manifest, write_manifest
-from vl2edge.weights import INDEX_NAME, STORAGE, Checkpoint, write_checkpoint
+from vl2edge.weights import INDEX_NAME, SIDE_FILES, STORAGE, Checkpoint, write_checkpoint
+
+from .quantizers import quantize
+from .recipes import Recipe, base_name, packed_tensor_shapes, read_manifest, write_manifest
 
 CHUNK = 1 << 24  # float values per quantization / copy step
 SHARD = 8 * 2**30
-SIDE_FILES = ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "generation_config.json")
 
 
 def _chunks(ck: Checkpoint, shapes: dict, specs: dict, bar=None) -> Iterator[tuple[str, np.ndarray]]:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vl2edge.experts import DenseExperts
+from vl2edge.models.experts import DenseExperts
 
 
 @pytest.fixture

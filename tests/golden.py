@@ -1,6 +1,7 @@
 """Access to the golden reference fixtures in tests/fixtures/ref/ (see make_lean_copy.py)."""
 
 import json
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -52,3 +53,44 @@ class NoTorch:
             raise ImportError("torch is blocked in this test")
 sys.meta_path.insert(0, NoTorch())
 """
+
+
+def model_args(case: str) -> list[np.ndarray]:
+    """The reference processor's outputs in the order `VL2Model.logits` / `embed` take them:
+    input_ids, attention_mask, images, images_seq_mask, images_spatial_crop."""
+    d = processor_outputs(case)
+    return [d[k] for k in ("input_ids", "attention_mask", "images", "images_seq_mask", "images_spatial_crop")]
+
+
+class Recorder:
+    """Wraps a decoder (torch or ONNX) to keep every step's logits."""
+
+    def __init__(self, dec):
+        self.dec, self.steps = dec, []
+
+    def new_cache(self, b, n):
+        return self.dec.new_cache(b, n)
+
+    def prefill(self, e, cache, mask=None):
+        self.steps.append(self.dec.prefill(e, cache, mask))
+        return self.steps[-1]
+
+    def decode(self, tok, cache):
+        self.steps.append(self.dec.decode(tok, cache))
+        return self.steps[-1]
+
+
+@contextmanager
+def routing(model):
+    """Records each MoE layer's router output (topk_idx, topk_w) through forward hooks while active:
+    yields {layer index: (idx [T, A], w [T, A])} of the last call."""
+    from vl2edge.models.language import MoE
+
+    captured: dict[int, tuple] = {}
+    hooks = [layer.mlp.gate.register_forward_hook(lambda mod, a, out, i=i: captured.__setitem__(i, out))
+             for i, layer in enumerate(model.language.model.layers) if isinstance(layer.mlp, MoE)]
+    try:
+        yield captured
+    finally:
+        for h in hooks:
+            h.remove()

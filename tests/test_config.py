@@ -7,8 +7,8 @@ from vl2edge.config import OFFICIAL, PRESETS, VL2Config, preset, tiny
 from vl2edge.errors import ConfigError
 from vl2edge.weights import Checkpoint
 
-# Totals and tensor counts of the released checkpoints (research/vl2-reference.md §1.3, §2: counted from
-# the reference modules and confirmed by the Hugging Face shard sizes).
+# Totals and tensor counts of the released checkpoints (counted from the reference modules in
+# deepseek_vl2/models/ and confirmed by the Hugging Face shard sizes).
 RELEASED = {
     "deepseek-vl2-tiny": (3_370_501_440, 2582),
     "deepseek-vl2-small": (16_148_349_504, 5639),

@@ -9,12 +9,13 @@ import textwrap
 import numpy as np
 import pytest
 
-from export.build import export
 from tests import golden
+from vl2edge.artifact import verify_files
 from vl2edge.errors import CheckpointError, InputError
+from vl2edge.export.build import export
 from vl2edge.generate import generate, prefill
-from vl2edge.model import VL2Model
-from vl2edge.onnx_backend import OnnxModel, verify_files
+from vl2edge.models.loading import load_model
+from vl2edge.onnx_backend import OnnxModel
 
 
 @pytest.fixture(scope="module")
@@ -30,36 +31,13 @@ def exports(tmp_path_factory):
     return out
 
 
-def _inputs(case):
-    d = golden.processor_outputs(case)
-    return d["input_ids"], d["attention_mask"], d["images"], d["images_seq_mask"], d["images_spatial_crop"]
-
-
-class Recorder:
-    """Wraps a decoder to keep every step's logits."""
-
-    def __init__(self, dec):
-        self.dec, self.steps = dec, []
-
-    def new_cache(self, b, n):
-        return self.dec.new_cache(b, n)
-
-    def prefill(self, e, cache, mask):
-        self.steps.append(self.dec.prefill(e, cache, mask))
-        return self.steps[-1]
-
-    def decode(self, tok, cache):
-        self.steps.append(self.dec.decode(tok, cache))
-        return self.steps[-1]
-
-
 @pytest.mark.parametrize("variant", golden.VARIANTS)
 @pytest.mark.parametrize("case", golden.CASES)
 def test_float32_export_reproduces_the_reference(exports, variant, case):
     """Vision graph + decoder graph on ONNX Runtime: the reference's 8 greedy tokens and step logits."""
     om, exp = OnnxModel(exports[variant, "float32"]), golden.expected(variant, case)
-    ids, att, images, seq_mask, crop = _inputs(case)
-    rec = Recorder(om)
+    ids, att, images, seq_mask, crop = golden.model_args(case)
+    rec = golden.Recorder(om)
     toks = [int(t[0]) for t in generate(rec, om.embed(ids, images, seq_mask, crop), att, max_new_tokens=8,
                                         eos_id=None)]
     assert toks == exp["gen_token_ids"].tolist()
@@ -75,9 +53,9 @@ def _chunked(dec, embeds, T, chunk, tokens):
 
 @pytest.mark.parametrize("variant", golden.VARIANTS)
 def test_float32_export_equals_torch_at_several_lengths(exports, variant):
-    tm = VL2Model.from_pretrained(golden.model_dir(variant), dtype="float32", device="cpu")
+    tm = load_model(golden.model_dir(variant), dtype="float32", device="cpu").model
     om = OnnxModel(exports[variant, "float32"])
-    ids, _, images, seq_mask, crop = _inputs("multi3_two_turns")
+    ids, _, images, seq_mask, crop = golden.model_args("multi3_two_turns")
     e = tm.embed(ids, images, seq_mask, crop)
     T = e.shape[1]
     for chunk in (T, 400, 97, 13):  # past lengths 0 .. T-1, sequence lengths 1 .. T
@@ -88,12 +66,12 @@ def test_float32_export_equals_torch_at_several_lengths(exports, variant):
 
 def _routing(tm, om, case):
     """Per (token, MoE layer): do the top-k expert sets agree? And the last-position logits of both."""
-    ids, att, images, seq_mask, crop = _inputs(case)
+    ids, att, images, seq_mask, crop = golden.model_args(case)
     e = tm.embed(ids, images, seq_mask, crop)
     T = e.shape[1]
-    logits = tm.logits(ids, att, images, seq_mask, crop)[0, -1].numpy()
-    theirs = [layer.mlp.last_topk_idx.sort(-1).values.numpy() for layer in tm.language.model.layers
-              if hasattr(layer.mlp, "gate")]
+    with golden.routing(tm) as routed:
+        logits = tm.logits(ids, att, images, seq_mask, crop)[0, -1].numpy()
+    theirs = [idx.sort(-1).values.numpy() for _, (idx, _) in sorted(routed.items())]
     cache = om.new_cache(1, T)
     out = om.decoder.run(None, {"inputs_embeds": e.numpy(), "attention_mask": np.ones((1, T), np.int64),
                                 **cache.pasts})
@@ -103,8 +81,8 @@ def _routing(tm, om, case):
 
 @pytest.mark.parametrize("variant", golden.VARIANTS)
 def test_int4_export_tracks_torch_with_the_same_packed_weights(exports, variant):
-    tm = VL2Model.from_pretrained(golden.model_dir(variant), dtype="float32", device="cpu", quant="int4-experts",
-                                  kernel="dequant")
+    tm = load_model(golden.model_dir(variant), dtype="float32", device="cpu", quant="int4-experts",
+                                  kernel="dequant").model
     fast, exact = OnnxModel(exports[variant, "int4-experts"]), OnnxModel(exports[variant, "exact"])
     agreement = []
     for case in ("square_384", "landscape_1024x768", "text_only"):
@@ -115,7 +93,7 @@ def test_int4_export_tracks_torch_with_the_same_packed_weights(exports, variant)
         agreement.append(same)
     # the fixtures' routing margins go down to 5.6e-5 (see test_quant.py): a few near-ties flip
     assert np.concatenate(agreement).mean() >= 0.96
-    ids, _, images, seq_mask, crop = _inputs("portrait_360x1000")
+    ids, _, images, seq_mask, crop = golden.model_args("portrait_360x1000")
     e = tm.embed(ids, images, seq_mask, crop)
     for chunk in (e.shape[1], 64, 7):
         ref = np.concatenate(_chunked(tm, e, e.shape[1], chunk, [3, 4]))
@@ -179,13 +157,13 @@ def test_onnx_backend_runs_without_torch(exports, tmp_path):
 
 
 def test_export_cli_refuses_bad_input(tmp_path):
-    from quant import convert
-    from vl2edge.quantize import Recipe
+    from vl2edge.quant.convert import convert
+    from vl2edge.quant.recipes import Recipe
 
     q = convert(golden.model_dir("tiny"), tmp_path / "q", Recipe("int8"), progress=False)
-    r = subprocess.run([sys.executable, "-m", "export", "--model", str(q), "--out", str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, "-m", "vl2edge.export", "--model", str(q), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "already quantized" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "export", "--model", str(tmp_path / "none"), "--out",
+    r = subprocess.run([sys.executable, "-m", "vl2edge.export", "--model", str(tmp_path / "none"), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and "no such model directory" in r.stderr

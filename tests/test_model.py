@@ -7,32 +7,26 @@ import torch
 from tests import golden
 from vl2edge.errors import CheckpointError
 from vl2edge.generate import generate, prefill
-from vl2edge.language import MLAttention
-from vl2edge.model import VL2Model
+from vl2edge.models.language import MLAttention
+from vl2edge.models.loading import load_model
 
 ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def models():
-    return {v: VL2Model.from_pretrained(golden.model_dir(v), dtype="float32", device="cpu") for v in golden.VARIANTS}
-
-
-def _inputs(case):
-    d = golden.processor_outputs(case)
-    return [d[k] for k in ("input_ids", "attention_mask", "images", "images_seq_mask", "images_spatial_crop")]
+    return {v: load_model(golden.model_dir(v), dtype="float32", device="cpu").model for v in golden.VARIANTS}
 
 
 @pytest.mark.parametrize("variant", golden.VARIANTS)
 @pytest.mark.parametrize("case", golden.CASES)
 def test_prefill_logits_and_routing_match_the_reference(models, variant, case):
     m, exp = models[variant], golden.expected(variant, case)
-    logits = m.logits(*_inputs(case))[0].numpy()
+    with golden.routing(m) as routed:
+        logits = m.logits(*golden.model_args(case))[0].numpy()
     np.testing.assert_allclose(logits[exp["prefill_rows"]], exp["prefill_logits_rows"], rtol=0, atol=ATOL)
-    for i, layer in enumerate(m.language.model.layers):
-        if not hasattr(layer.mlp, "gate"):
-            continue
-        idx = layer.mlp.last_topk_idx
+    assert routed
+    for i, (idx, _) in routed.items():
         order = idx.argsort(dim=-1)
         got = idx.gather(1, order).numpy()
         np.testing.assert_array_equal(got, exp[f"routing.layer{i}.topk_idx"])  # the reference stores them sorted
@@ -41,7 +35,7 @@ def test_prefill_logits_and_routing_match_the_reference(models, variant, case):
 @pytest.mark.parametrize("variant", golden.VARIANTS)
 def test_vision_projector_and_embeddings_match(models, variant):
     m, exp = models[variant], golden.expected(variant, "square_384")
-    ids, _, images, seq_mask, crop = _inputs("square_384")
+    ids, _, images, seq_mask, crop = golden.model_args("square_384")
     with torch.inference_mode():
         feats = m.vision(torch.from_numpy(images[0, :2]))
         proj = m.projector(feats)
@@ -57,16 +51,9 @@ def test_vision_projector_and_embeddings_match(models, variant):
 @pytest.mark.parametrize("variant", golden.VARIANTS)
 def test_routing_weights_match(models, variant):
     m, exp = models[variant], golden.expected(variant, "portrait_360x1000")
-    captured = {}
-    for i, layer in enumerate(m.language.model.layers):
-        if hasattr(layer.mlp, "gate"):
-            layer.mlp.gate.register_forward_hook(lambda mod, a, out, i=i: captured.__setitem__(i, out))
-    try:
-        m.logits(*_inputs("portrait_360x1000"))
-    finally:
-        for layer in m.language.model.layers:
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate._forward_hooks.clear()
+    with golden.routing(m) as captured:
+        m.logits(*golden.model_args("portrait_360x1000"))
+    assert captured
     for i, (idx, w) in captured.items():
         order = idx.argsort(dim=-1)
         np.testing.assert_allclose(w.gather(1, order).numpy(), exp[f"routing.layer{i}.topk_weight"], atol=1e-5)
@@ -76,32 +63,19 @@ def test_routing_weights_match(models, variant):
 @pytest.mark.parametrize("case", golden.CASES)
 def test_greedy_generation_matches_the_reference(models, variant, case):
     m, exp = models[variant], golden.expected(variant, case)
-    ids, att, images, seq_mask, crop = _inputs(case)
+    ids, att, images, seq_mask, crop = golden.model_args(case)
     embeds = m.embed(ids, images, seq_mask, crop)
-    steps = []
-
-    class Recording:  # the decoder interface, recording each step's logits
-        def new_cache(self, b, n):
-            return m.new_cache(b, n)
-
-        def prefill(self, e, cache, mask):
-            steps.append(m.prefill(e, cache, mask))
-            return steps[-1]
-
-        def decode(self, tok, cache):
-            steps.append(m.decode(tok, cache))
-            return steps[-1]
-
-    toks = [int(t[0]) for t in generate(Recording(), embeds, att, max_new_tokens=8, eos_id=None, chunk_size=300)]
+    rec = golden.Recorder(m)
+    toks = [int(t[0]) for t in generate(rec, embeds, att, max_new_tokens=8, eos_id=None, chunk_size=300)]
     assert toks == exp["gen_token_ids"].tolist()
     # the last prefill chunk gives step 0's logits, then 7 decode steps
-    np.testing.assert_allclose(np.concatenate(steps[-8:]), exp["gen_logits"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(np.concatenate(rec.steps[-8:]), exp["gen_logits"], rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("variant", golden.VARIANTS)
 def test_cached_decode_equals_full_recompute(models, variant):
     m = models[variant]
-    ids, att, images, seq_mask, crop = _inputs("landscape_1024x768")
+    ids, att, images, seq_mask, crop = golden.model_args("landscape_1024x768")
     new = golden.expected(variant, "landscape_1024x768")["gen_token_ids"]
     full_ids = np.concatenate([ids, new[None]], axis=1)
     full = m.logits(full_ids, np.ones_like(full_ids, bool), images,
@@ -115,7 +89,7 @@ def test_cached_decode_equals_full_recompute(models, variant):
 @pytest.mark.parametrize("variant", golden.VARIANTS)
 def test_chunked_prefill_equals_one_shot(models, variant):
     m = models[variant]
-    ids, att, images, seq_mask, crop = _inputs("multi3_two_turns")
+    ids, att, images, seq_mask, crop = golden.model_args("multi3_two_turns")
     embeds = m.embed(ids, images, seq_mask, crop)
     one = prefill(m, embeds, att, m.new_cache(1, ids.shape[1]), chunk_size=10_000)
     for chunk in (1000, 257, 31):
@@ -147,7 +121,7 @@ def test_left_padded_batch_equals_single_runs(models, variant):
 
 def test_mla_absorbed_and_expanded_attention_agree(models, monkeypatch):
     m = models["base"]
-    args = _inputs("portrait_360x1000")
+    args = golden.model_args("portrait_360x1000")
     expanded = m.logits(*args)
     monkeypatch.setattr(MLAttention, "EXPAND_MIN_T", 10**9)
     absorbed = m.logits(*args)
@@ -157,9 +131,9 @@ def test_mla_absorbed_and_expanded_attention_agree(models, monkeypatch):
 @pytest.mark.parametrize("variant", ["tiny", "base"])
 @pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.1), ("float16", 0.05)])
 def test_half_precision_tracks_float32(models, variant, dtype, tol):
-    half = VL2Model.from_pretrained(golden.model_dir(variant), dtype=dtype, device="cpu")
+    half = load_model(golden.model_dir(variant), dtype=dtype, device="cpu").model
     assert half.language.model.layers[1].mlp.experts.gate_proj.dtype == getattr(torch, dtype)
-    args = _inputs("square_384")
+    args = golden.model_args("square_384")
     ref, got = models[variant].logits(*args)[0], half.logits(*args)[0]
     assert got.dtype == torch.float32
     rel = ((got - ref).norm() / ref.norm()).item()
@@ -178,11 +152,11 @@ def test_loading_is_strict(tmp_path):
     del sd["language.model.layers.1.mlp.experts.5.up_proj.weight"]
     save_file(sd, f)
     with pytest.raises(CheckpointError, match=r"missing \(e.g. language.model.layers.1.mlp.experts.5.up_proj"):
-        VL2Model.from_pretrained(tmp_path / "m", device="cpu")
+        load_model(tmp_path / "m", device="cpu")
     sd["language.model.layers.1.mlp.experts.5.up_proj.weight"] = np.zeros((32, 65), np.float32)
     save_file(sd, f)
     with pytest.raises(CheckpointError, match=r"experts.5.up_proj.weight: file \[32, 65\] vs config \[32, 64\]"):
-        VL2Model.from_pretrained(tmp_path / "m", device="cpu")
+        load_model(tmp_path / "m", device="cpu")
 
 
 def test_checkpoint_loads_once_and_without_attn_pool(models):

@@ -1,19 +1,24 @@
 """Expert offloading: slot bookkeeping, prefetch, the placement plan, and results equal to resident runs."""
 
-import numpy as np
 import pytest
 import torch
 
 from tests import golden
 from vl2edge.errors import InputError
 from vl2edge.generate import generate
-from vl2edge.model import VL2Model
-from vl2edge.offload import CostModel, OffloadedExperts, offload_stats, parse_bytes, plan_placement
-from vl2edge.qlinear import QuantExperts, QuantSpec
+from vl2edge.models.loading import load_model
+from vl2edge.models.offload import CostModel, ExpertStore, OffloadedExperts, offload_stats, plan_placement
+from vl2edge.placement import parse_bytes
+from vl2edge.quant.format import QuantSpec
+from vl2edge.quant.modules import QuantExperts
+
+
+def _offloaded(experts, n_slots):
+    return OffloadedExperts(ExpertStore(experts, pin=False), n_slots, device="cpu")
 
 
 def test_lru_slots_hits_and_misses(dense):
-    off = OffloadedExperts(dense, n_slots=3, device="cpu", pin=False)
+    off = _offloaded(dense, 3)
     for e in (0, 1, 2):
         assert off.acquire(e, keep={e}) is not None
     assert off.stats.misses == 3 and off.resident() == [0, 1, 2]
@@ -27,16 +32,16 @@ def test_lru_slots_hits_and_misses(dense):
 
 
 def test_slot_contents_are_the_expert(dense):
-    off = OffloadedExperts(dense, n_slots=2, device="cpu", pin=False)
+    off = _offloaded(dense, 2)
     slot = off.acquire(4, keep={4})
     views = off.layout.views(off.slots[slot])
-    assert torch.equal(views["gate"], dense.gate_proj[4]) and torch.equal(views["down"], dense.down_proj[4])
+    assert torch.equal(views["gate_proj"], dense.gate_proj[4]) and torch.equal(views["down_proj"], dense.down_proj[4])
     x = torch.randn(3, 16)
     assert torch.equal(off.expert(4, x), dense.expert(4, x))
 
 
 def test_prefetch_bookkeeping(dense):
-    off = OffloadedExperts(dense, n_slots=3, device="cpu", pin=False)
+    off = _offloaded(dense, 3)
     off.prefetch([7, 3, 1, 0])                        # at most n_slots, in order
     assert off.resident() == [7, 3, 1] and off.stats.prefetched == 3
     off.acquire(3, keep={3})
@@ -50,7 +55,7 @@ def test_prefetch_bookkeeping(dense):
 
 
 def test_zero_slots_compute_from_cpu_memory(dense):
-    off = OffloadedExperts(dense, n_slots=0, device="cpu", pin=False)
+    off = _offloaded(dense, 0)
     x, idx, w = torch.randn(4, 16), torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]]), torch.rand(4, 2)
     assert torch.equal(off(x, idx, w), dense(x, idx, w)) and off.stats.cpu_computed == 8
 
@@ -64,39 +69,31 @@ def test_cost_model():
 
 
 def test_quantized_experts_offload_identically():
-    torch.manual_seed(1)
-    from vl2edge.quantize import quantize
+    from vl2edge.models.experts import DenseExperts
 
-    spec = QuantSpec(4, 32, False)
-    q = QuantExperts(6, 64, 32, spec)
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        N, K = (32, 64) if name != "down_proj" else (64, 32)
-        packed = [quantize(np.random.default_rng(e).standard_normal((N, K)).astype(np.float32), spec) for e in range(6)]
-        for k in packed[0]:
-            getattr(q, name)._buffers[k] = torch.from_numpy(np.stack([p[k] for p in packed]))
+    torch.manual_seed(1)
+    dense = DenseExperts(6, 64, 32)
+    for p in dense.stacks().values():
+        p.copy_(torch.randn_like(p))
+    q = QuantExperts.from_dense(dense, QuantSpec(4, 32, False))
     x, idx, w = torch.randn(5, 64), torch.tensor([[0, 5], [1, 2], [3, 4], [0, 2], [5, 1]]), torch.rand(5, 2)
     ref = q(x, idx, w)  # the "dequant" kernel: the math the offloaded copy uses
-    off = OffloadedExperts(q, n_slots=2, device="cpu", pin=False)
-    assert torch.equal(off(x, idx, w), ref)
-
-
-def _args(case):
-    d = golden.processor_outputs(case)
-    return [d[k] for k in ("input_ids", "attention_mask", "images", "images_seq_mask", "images_spatial_crop")]
+    assert not torch.equal(ref, dense(x, idx, w))  # it really is the quantized model
+    assert torch.equal(_offloaded(q, 2)(x, idx, w), ref)
 
 
 @pytest.mark.parametrize("variant", golden.VARIANTS)
 def test_offloaded_runs_equal_resident_runs(variant):
-    resident = VL2Model.from_pretrained(golden.model_dir(variant), dtype="float32", device="cpu")
+    resident = load_model(golden.model_dir(variant), dtype="float32", device="cpu").model
     plan = plan_placement(resident, 10**12, 4096)
     fixed = plan.non_expert + plan.kv_cache + plan.workspace
-    args = _args("landscape_1024x768")
+    args = golden.model_args("landscape_1024x768")
     ref = resident.logits(*args)
     for frac in (0.5, 0.25, 0.125):
         slots = max(1, int(frac * plan.n_experts))
-        m = VL2Model.from_pretrained(golden.model_dir(variant), dtype="float32", device="cpu",
-                                     gpu_memory=fixed + slots * plan.moe_layers * plan.expert_bytes)
-        assert m.plan.slots == slots
+        m, got_plan = load_model(golden.model_dir(variant), dtype="float32", device="cpu",
+                                 gpu_memory=fixed + slots * plan.moe_layers * plan.expert_bytes)
+        assert got_plan is not None and got_plan.slots == slots
         assert torch.equal(m.logits(*args), ref)
         e = m.embed(args[0], *args[2:])
         toks = [int(t[0]) for t in generate(m, e, args[1], max_new_tokens=8, eos_id=None)]
@@ -106,7 +103,7 @@ def test_offloaded_runs_equal_resident_runs(variant):
 
 
 def test_plan_refuses_a_budget_without_room_for_the_non_expert_part():
-    m = VL2Model.from_pretrained(golden.model_dir("small"), dtype="float32", device="cpu")
+    m = load_model(golden.model_dir("small"), dtype="float32", device="cpu").model
     with pytest.raises(InputError, match="cannot hold this model's non-expert part"):
         plan_placement(m, 2**20, 4096)
     p = plan_placement(m, 2**30, 4096)
@@ -141,7 +138,12 @@ def test_gpu_benchmark_dry_runs_on_the_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     settings = {(row["model"], row["setting"]) for row in rows}
-    assert ("test-mha", "resident int4-experts") in settings and len(rows) == 3 * 11 + 1
+    assert ("test-mha", "resident int4-experts") in settings
+    for model in ("test-mha", "test-mla", "test-mla-noaux"):
+        for setting in ("resident bf16", "offload 12.5% of experts", "naive (copy on demand, no cache)",
+                        "replay (synthetic skewed routing), offload 25.0% of experts",
+                        "cpu-experts (all routed experts computed on the CPU)"):
+            assert (model, setting) in settings
     naive = [row for row in rows if row["setting"].startswith("naive")]
     assert all(row["offload"]["hits"] == 0 and row["offload"]["misses"] > 0 for row in naive)
     assert all(row["decode_tok_s"] > 0 and row["ttft_s"] > 0 for row in rows)

@@ -102,5 +102,6 @@ def test_hub_ids_resolve_through_the_hugging_face_cache(tmp_path):
 
 def test_vl2model_is_exported_lazily():
     assert vl2edge.VL2Model.__name__ == "VL2Model"
-    assert np.asarray(vl2edge.VL2Model.from_pretrained(golden.model_dir("tiny"), device="cpu")
-                      .logits([[0, 5, 6]]).shape).tolist() == [1, 3, 384]
+    model, plan = vl2edge.load_model(golden.model_dir("tiny"), device="cpu")
+    assert isinstance(model, vl2edge.VL2Model) and plan is None
+    assert np.asarray(model.logits([[0, 5, 6]]).shape).tolist() == [1, 3, 384]

@@ -25,7 +25,8 @@ def test_matches_the_reference_exactly(variant, case):
         assert np.array_equal(got, ref[k]), k  # pixels bit-exact
 
 
-# Image-token counts the reference processor gives (research/vl2-reference.md §5).
+# Image-token counts the reference processor gives (`DeepseekVLV2Processor.tokenize_with_images` in
+# deepseek_vl2/models/processing_deepseek_vl_v2.py).
 TOKEN_COUNTS = [((384, 384), 421), ((100, 100), 421), ((385, 385), 1023), ((640, 480), 1023), ((800, 600), 1415),
                 ((1024, 768), 1415), ((768, 1024), 1429), ((768, 2000), 1835), ((2000, 768), 1807),
                 ((1920, 1080), 1807), ((1080, 1920), 1835), ((500, 2000), 1051), ((4000, 1000), 1009),

@@ -9,9 +9,11 @@ import torch
 
 from tests import golden
 from vl2edge.errors import CheckpointError, InputError
-from vl2edge.model import VL2Model
-from vl2edge.qlinear import QuantSpec, dequantize, pack, unpack
-from vl2edge.quantize import Recipe, quantize, role
+from vl2edge.models.loading import load_model
+from vl2edge.quant.convert import convert
+from vl2edge.quant.format import QuantSpec, dequantize, pack, unpack
+from vl2edge.quant.quantizers import quantize
+from vl2edge.quant.recipes import Recipe, role
 from vl2edge.weights import Checkpoint
 
 rng = np.random.default_rng(0)
@@ -156,9 +158,7 @@ def _peaked_copy(tmp_path, variant, factor=8.0):
 
 
 def _logits(model, case):
-    inp = golden.processor_outputs(case)
-    return model.logits(*(inp[k] for k in ("input_ids", "attention_mask", "images", "images_seq_mask",
-                                           "images_spatial_crop")))[0].numpy()
+    return model.logits(*golden.model_args(case))[0].numpy()
 
 
 # Top-1 agreement with float32 over every position of four cases. The Base-like fixture routes with
@@ -172,10 +172,10 @@ MIN_TOP1 = {"tiny": {"int8": 0.97, "int4-experts": 0.90}, "small": {"int8": 0.97
 def test_quantized_models_track_float32(tmp_path, variant):
     d = _peaked_copy(tmp_path, variant)
     cases = ("square_384", "text_only", "landscape_1024x768", "multi3_two_turns")
-    ref = [_logits(VL2Model.from_pretrained(d, dtype="float32", device="cpu"), c) for c in cases]
+    ref = [_logits(load_model(d, dtype="float32", device="cpu").model, c) for c in cases]
     errs = {}
     for recipe, min_top1 in (*MIN_TOP1[variant].items(), ("int4", 0.0)):
-        q = VL2Model.from_pretrained(d, dtype="float32", device="cpu", quant=recipe)
+        q = load_model(d, dtype="float32", device="cpu", quant=recipe).model
         got = [_logits(q, c) for c in cases]
         top1 = np.mean(np.concatenate([(g.argmax(-1) == r.argmax(-1)) for g, r in zip(got, ref)]))
         errs[recipe] = rel(np.concatenate(got), np.concatenate(ref))
@@ -184,24 +184,22 @@ def test_quantized_models_track_float32(tmp_path, variant):
 
 
 def test_converted_directory_equals_quantizing_while_loading(tmp_path):
-    from quant import convert
-
     out = convert(golden.model_dir("base"), tmp_path / "q", Recipe("int4-experts"), progress=False)
     ck = Checkpoint.open(out)
     assert "language.model.layers.1.mlp.experts.3.up_proj.qzeros" in ck  # 4-bit: zero points by default
     assert "language.lm_head.qweight" in ck and "language.lm_head.qzeros" not in ck  # 8-bit: symmetric
     assert ck.dtype("language.model.layers.1.mlp.gate.weight") == "F32"  # the router stays float
-    a = VL2Model.from_pretrained(out, dtype="float32", device="cpu")
-    b = VL2Model.from_pretrained(golden.model_dir("base"), dtype="float32", device="cpu", quant="int4-experts")
+    a = load_model(out, dtype="float32", device="cpu").model
+    b = load_model(golden.model_dir("base"), dtype="float32", device="cpu", quant="int4-experts").model
     assert np.array_equal(_logits(a, "portrait_360x1000"), _logits(b, "portrait_360x1000"))
     with pytest.raises(InputError, match="already quantized"):
-        VL2Model.from_pretrained(out, device="cpu", quant="int8")
+        load_model(out, device="cpu", quant="int8")
 
 
 @pytest.mark.parametrize("variant", ["tiny", "small"])
 def test_cpu_kernels_agree(variant):
-    models = {k: VL2Model.from_pretrained(golden.model_dir(variant), dtype="float32", device="cpu",
-                                          quant="int4-experts", kernel=k) for k in ("dequant", "auto")}
+    models = {k: load_model(golden.model_dir(variant), dtype="float32", device="cpu",
+                                          quant="int4-experts", kernel=k).model for k in ("dequant", "auto")}
     experts = models["auto"].language.model.layers[1].mlp.experts
     assert experts.kernel == "int4pack" and models["dequant"].language.model.layers[1].mlp.experts.kernel == "dequant"
     a, b = (_logits(m, "multi3_two_turns") for m in models.values())
@@ -211,20 +209,18 @@ def test_cpu_kernels_agree(variant):
 def test_quantized_checkpoint_is_checked_strictly(tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from quant import convert
-
     out = convert(golden.model_dir("tiny"), tmp_path / "q", Recipe("int8"), progress=False)
     sd = load_file(out / "model.safetensors")
     del sd["language.model.layers.2.self_attn.o_proj.scales"]
     save_file(sd, out / "model.safetensors")
     with pytest.raises(CheckpointError, match="o_proj.scales"):
-        VL2Model.from_pretrained(out, device="cpu")
+        load_model(out, device="cpu")
 
 
 def test_conversion_streams_in_bounded_memory(tmp_path, monkeypatch):
     import tracemalloc
 
-    qc = importlib.import_module("quant.convert")
+    qc = importlib.import_module("vl2edge.quant.convert")
     from vl2edge import synthetic
     from vl2edge.config import tiny
 
@@ -238,19 +234,19 @@ def test_conversion_streams_in_bounded_memory(tmp_path, monkeypatch):
     tracemalloc.stop()
     lm_head_fp32 = 65536 * 256 * 4
     assert peak < lm_head_fp32 / 2, f"{peak / 2**20:.1f} MiB"
-    assert VL2Model.from_pretrained(tmp_path / "dst", device="cpu").language.lm_head.kernel == "dense"
+    assert load_model(tmp_path / "dst", device="cpu").model.language.lm_head.kernel == "dense"
 
 
 def test_cli_quantizes_and_refuses_bad_input(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "quant", str(golden.model_dir("small")), str(tmp_path / "q"),
+    r = subprocess.run([sys.executable, "-m", "vl2edge.quant", str(golden.model_dir("small")), str(tmp_path / "q"),
                         "--recipe", "int4", "--block-size", "64"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert Recipe("int4").name in (tmp_path / "q" / "quantization.json").read_text()
-    r = subprocess.run([sys.executable, "-m", "quant", str(tmp_path / "q"), str(tmp_path / "q2"), "--recipe", "int8"],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "vl2edge.quant", str(tmp_path / "q"), str(tmp_path / "q2"),
+                        "--recipe", "int8"], capture_output=True, text=True)
     assert r.returncode == 2 and "already quantized" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -258,7 +254,6 @@ def test_quantized_directory_runs_from_the_cli_and_the_api(tmp_path, capsys):
     import json
 
     import vl2edge
-    from quant import convert
     from vl2edge import cli
 
     out = convert(golden.model_dir("tiny"), tmp_path / "q", Recipe("int4-experts"), progress=False)

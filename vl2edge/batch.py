@@ -99,7 +99,7 @@ def run_batch(pipe, inputs: list[str], prompt: str, out, resume: bool = False, p
                 if key in seen:
                     counts["skipped"] += 1
                     continue
-                record = {"source": str(path), "page": page}
+                record: dict[str, object] = {"source": str(path), "page": page}
                 try:
                     if isinstance(image, Exception):
                         raise image

@@ -5,6 +5,8 @@
     vl2edge batch  --model M INPUTS... --prompt TEXT --out results.jsonl [--resume]
     vl2edge serve  --model M [--port 8000] [--api-key KEY] [--allowed-root DIR]
     vl2edge info   --model M [--gpu-memory 8GiB] [--ram 16GiB]
+    vl2edge quantize SRC DST --recipe int4-experts         float checkpoint -> quantized model directory
+    vl2edge export --model SRC --out DST                    quantize + trace to ONNX (the [export] extra)
 
 User mistakes (a `VL2Error`) print one line and exit with status 2; tracebacks are for bugs.
 """
@@ -39,8 +41,8 @@ def _load(a):
     from .pipeline import load
 
     pipe = load(a.model, device=a.device, dtype=a.dtype, gpu_memory=a.gpu_memory, quant=a.quant)
-    if getattr(pipe.backend, "plan", None) is not None and not getattr(a, "json", False):
-        print(pipe.backend.plan, file=sys.stderr)
+    if pipe.plan is not None and not getattr(a, "json", False):
+        print(pipe.plan, file=sys.stderr)
     return pipe
 
 
@@ -50,9 +52,9 @@ def _gen(a) -> dict:
 
 
 def _offload_line(pipe) -> str | None:
-    if getattr(pipe.backend, "plan", None) is None:
+    if pipe.plan is None:
         return None
-    from .offload import offload_stats
+    from .models.offload import offload_stats
 
     o = offload_stats(pipe.backend)
     if not o["hits"] + o["misses"]:
@@ -96,9 +98,11 @@ def run(a) -> None:
     if a.draw:
         draw_boxes(a.image, res.boxes, a.draw)
     if a.json:
-        from .offload import offload_stats
+        extra = {}
+        if pipe.plan is not None:
+            from .models.offload import offload_stats
 
-        extra = {"offload": offload_stats(pipe.backend)} if getattr(pipe.backend, "plan", None) else {}
+            extra = {"offload": offload_stats(pipe.backend)}
         print(json.dumps({"model": a.model, "text": res.text, "token_ids": res.token_ids,
                           "finish_reason": res.finish_reason, "prompt_tokens": res.prompt_tokens,
                           "boxes": [b.as_dict() for b in res.boxes], "grounding_problems": res.grounding_problems,
@@ -119,6 +123,8 @@ def chat(a, stdin=None) -> None:
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - line editing and history for input()
     pipe = _load(a)
+    messages: list[dict[str, str]]
+    images: list[str]
     messages, images, pending = [], [], list(a.image)
     print("vl2edge chat — /image PATH to attach a picture, /reset to start over, /quit to leave", file=sys.stderr)
     while True:
@@ -199,7 +205,7 @@ def info(a) -> None:
 
     from .config import PRESETS, VL2Config, preset
     from .info import report
-    from .offload import parse_bytes
+    from .placement import parse_bytes
 
     if a.model in PRESETS:
         config = preset(a.model)
@@ -209,6 +215,28 @@ def info(a) -> None:
         config = VL2Config.from_pretrained(_hub_config(a.model))
     print(report(config, gpu_memory=parse_bytes(a.gpu_memory) if a.gpu_memory else None,
                  ram=parse_bytes(a.ram) if a.ram else None, context=a.context, name=a.model))
+
+
+def quantize(a) -> None:
+    from .quant.convert import convert
+    from .quant.recipes import Recipe
+    from .weights import disk_size
+
+    recipe = Recipe(a.recipe, a.block_size, a.algorithm, a.symmetric, a.vision_int8)
+    out = convert(a.src, a.dst, recipe)
+    print(f"wrote {out} ({recipe.label}, {disk_size(out) / 1e6:,.1f} MB)")
+
+
+def export(a) -> None:
+    try:
+        from .export.build import export as run_export
+    except ImportError as e:
+        raise InputError(f"vl2edge export needs the export extra ({e.name} is missing): "
+                         "pip install 'vl2edge[export]'") from None
+    out = run_export(a.model, a.out, a.recipe, a.block_size, a.vision, a.accuracy_level)
+    m = json.loads((out / "manifest.json").read_text())
+    print(f"wrote {out} ({a.recipe}, {m['export_seconds']} s); verification against torch: "
+          + ", ".join(f"{k} rel-L2 {v['rel_l2']:.1e}" for k, v in m["verification"].items()))
 
 
 def _hub_config(repo: str):
@@ -289,6 +317,37 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--ram", metavar="SIZE")
     i.add_argument("--context", type=int, default=None, help="KV cache positions to plan for (default: max)")
     i.set_defaults(func=info)
+
+    from .quant.recipes import EXPORT_RECIPES, RECIPES
+
+    q = sub.add_parser("quantize", help="quantize a float checkpoint (directory or Hugging Face id) into a model "
+                                        "directory vl2edge loads")
+    q.add_argument("src", help="float checkpoint directory or Hugging Face id")
+    q.add_argument("dst", help="model directory to write")
+    q.add_argument("--recipe", required=True, choices=RECIPES,
+                   help="int4-experts: routed experts 4-bit, attention/shared/dense/lm_head 8-bit; "
+                        "int8: all language-model linears 8-bit; int4: all 4-bit (the router stays float)")
+    q.add_argument("--block-size", type=int, default=32, choices=[32, 64, 128])
+    q.add_argument("--algorithm", default="rtn", choices=["rtn", "mse"])
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
+                     help="no zero points, also for 4-bit")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="zero points, also for 8-bit")
+    q.add_argument("--vision-int8", action="store_true", help="also quantize the vision tower's linears to 8-bit")
+    q.set_defaults(func=quantize)
+
+    e = sub.add_parser("export", help="quantize a float checkpoint and export it to ONNX for the CPU backend "
+                                      "(needs the [export] extra)")
+    e.add_argument("--model", required=True, help="float checkpoint directory or Hugging Face id")
+    e.add_argument("--out", required=True, help="artifact directory to write")
+    e.add_argument("--recipe", default="int4-experts", choices=EXPORT_RECIPES,
+                   help="float32 = plain ops, for verification; the others as in vl2edge quantize")
+    e.add_argument("--block-size", type=int, default=32, choices=[32, 64, 128])
+    e.add_argument("--vision", default="both", choices=["both", "float", "int8"],
+                   help="vision graph variants to write (int8: int8 weights, dynamically quantized activations)")
+    e.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
+                   help="MatMulNBits/QMoE accuracy_level: 4 = int8 activations (fast on CPU), 0 = exact")
+    e.set_defaults(func=export)
     return ap
 
 

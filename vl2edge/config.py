@@ -1,10 +1,11 @@
 """DeepSeek-VL2 configuration: one dataclass per sub-model, with the checkpoint's own field names.
 
-`VL2Config.from_dict(config.json)` ignores unknown keys, fills absent ones with the reference
-defaults (`DeepseekV2Config`, `VisionEncoderConfig`, `MlpProjectorConfig`; see
-research/vl2-reference.md §1), and rejects values the runtime does not implement with a message that
-names the key. `tensor_shapes()` lists every tensor an official checkpoint of the config holds.
-Presets: the three released models and small `tiny()` models for tests and the demo.
+`VL2Config.from_dict(config.json)` ignores unknown keys, fills absent ones with the reference defaults
+(`DeepseekV2Config` in `deepseek_vl2/models/configuration_deepseek.py`; `VisionEncoderConfig`,
+`MlpProjectorConfig` in `deepseek_vl2/models/modeling_deepseek_vl_v2.py`), and rejects values the
+runtime does not implement with a message that names the key. `tensor_shapes()` lists every tensor an
+official checkpoint of the config holds. Presets: the three released models and small `tiny()` models
+for tests and the demo.
 """
 
 from __future__ import annotations
@@ -311,7 +312,8 @@ class VL2Config:
         Includes `vision.attn_pool.*` (a MAP head the reference builds and saves but never runs).
         """
         v, lc = self.vision_config, self.language_config
-        W, M, S = v.width, v.mlp_hidden, {}
+        W, M = v.width, v.mlp_hidden
+        S: dict[str, tuple[int, ...]] = {}
         S["vision.pos_embed"] = (1, v.grid * v.grid, W)
         S["vision.patch_embed.proj.weight"] = (W, 3, v.patch_size, v.patch_size)
         S["vision.patch_embed.proj.bias"] = (W,)
@@ -360,11 +362,12 @@ class _TopLevel:
 
 def _layer_shapes(lc: LanguageConfig, i: int, p: str) -> dict[str, tuple[int, ...]]:
     D, H = lc.hidden_size, lc.num_attention_heads
-    S = {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,)}
+    S: dict[str, tuple[int, ...]] = {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,)}
     a = p + "self_attn."
     bias = lc.attention_bias
     if lc.use_mla:
         qd, r = lc.q_head_dim, lc.qk_rope_head_dim
+        assert lc.kv_lora_rank is not None  # __post_init__ requires it with MLA
         if lc.q_lora_rank is None:
             S[a + "q_proj.weight"] = (H * qd, D)
         else:
@@ -383,6 +386,7 @@ def _layer_shapes(lc: LanguageConfig, i: int, p: str) -> dict[str, tuple[int, ..
             S[a + "o_proj.bias"] = (D,)
     else:
         hd, kv = lc.head_dim, lc.num_key_value_heads
+        assert kv is not None  # __post_init__ fills it from num_attention_heads
         for name, out in (("q_proj", H * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)):
             S[a + name + ".weight"] = (out, D)
             if bias:
@@ -393,6 +397,7 @@ def _layer_shapes(lc: LanguageConfig, i: int, p: str) -> dict[str, tuple[int, ..
     m = p + "mlp."
     if lc.is_moe_layer(i):
         E, inter = lc.n_routed_experts, lc.moe_intermediate_size
+        assert E is not None  # is_moe_layer is only true with routed experts
         S[m + "gate.weight"] = (E, D)
         if lc.topk_method == "noaux_tc":
             S[m + "gate.e_score_correction_bias"] = (E,)
@@ -416,7 +421,7 @@ _SIGLIP_SO400M = {"layers": 27, "mlp_ratio": 3.7362, "model_name": "siglip_so400
 _COMMON_LM = {"bos_token_id": 0, "eos_token_id": 1, "first_k_dense_replace": 1, "max_position_embeddings": 4096,
               "n_shared_experts": 2, "num_experts_per_tok": 6}
 
-# The released config.json files, as far as research/vl2-reference.md §1 could confirm them (Base is
+# The released config.json files (the hub repos deepseek-ai/deepseek-vl2{-tiny,-small,}; Base is
 # verbatim; absent keys take the DeepseekV2Config defaults, e.g. Base's 30 layers and 32 heads).
 OFFICIAL = {
     "deepseek-vl2-tiny": {

@@ -9,6 +9,7 @@ logits as float32 numpy. The torch model (`VL2Model`) and the ONNX Runtime sessi
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -17,17 +18,42 @@ from .sampling import SamplingParams, sample
 DEFAULT_CHUNK = 512
 
 
-def prefill(decoder, embeds, attention_mask: np.ndarray, cache, chunk_size: int = DEFAULT_CHUNK) -> np.ndarray:
+class Decoder(Protocol):
+    """What generation drives: `VL2Model` (torch) and `OnnxModel` (ONNX Runtime). The cache is the
+    decoder's own object (KVCache, OnnxCache), opaque to the loop."""
+
+    def new_cache(self, batch: int, max_len: int) -> Any: ...
+
+    def prefill(self, embeds: Any, cache: Any, attention_mask: Any = None) -> np.ndarray:
+        """Append a chunk of embeddings [B, T, D]; float32 logits of its last position [B, V]."""
+        ...
+
+    def decode(self, token_ids: Any, cache: Any) -> np.ndarray:
+        """Feed one token per row [B]; float32 logits of the next position [B, V]."""
+        ...
+
+
+class Backend(Decoder, Protocol):
+    """A decoder that also embeds prompts (what `vl2edge.pipeline.Pipeline` runs)."""
+
+    def embed(self, input_ids: Any, images: Any = None, images_seq_mask: Any = None,
+              images_spatial_crop: Any = None) -> Any:
+        """Token embeddings [B, T, D] with the image features in the `images_seq_mask` positions."""
+        ...
+
+
+def prefill(decoder: Decoder, embeds, attention_mask: np.ndarray, cache, chunk_size: int = DEFAULT_CHUNK) -> np.ndarray:
     """Run the prompt through the decoder in chunks of `chunk_size` positions; logits of the last one."""
     T = attention_mask.shape[1]
     logits = None
     for start in range(0, T, chunk_size):
         end = min(start + chunk_size, T)
         logits = decoder.prefill(embeds[:, start:end], cache, attention_mask[:, start:end])
+    assert logits is not None  # a prompt has at least one position
     return logits
 
 
-def generate(decoder, embeds, attention_mask: np.ndarray, *, max_new_tokens: int, eos_id: int | None,
+def generate(decoder: Decoder, embeds, attention_mask: np.ndarray, *, max_new_tokens: int, eos_id: int | None,
              params: SamplingParams | None = None, rng: np.random.Generator | None = None,
              prompt_ids: np.ndarray | None = None, chunk_size: int = DEFAULT_CHUNK) -> Iterator[np.ndarray]:
     """Yield the next token of every row [B] until all rows produced eos or max_new_tokens is reached.

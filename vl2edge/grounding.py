@@ -1,7 +1,8 @@
 """Grounding boxes: parse `<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>` spans, draw them.
 
 DeepSeek-VL2 writes box coordinates as integers in 0..999 relative to the original image's width and
-height (research/vl2-reference.md §7); pixels are `int(v / 999 * W)` as in the reference's demo. The
+height; pixels are `int(v / 999 * W)` as in the reference's demo
+(`deepseek_vl2/serve/app_modules/utils.py`, `parse_ref_bbox`). The
 parser never evaluates model output (the reference `eval`s it): it reads numbers with a regular
 expression, keeps every well-formed box and reports what it could not read instead of failing.
 """

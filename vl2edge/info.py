@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 from .config import VL2Config
-from .qlinear import QuantSpec
-from .quantize import RECIPES, Recipe
+from .errors import InputError
+from .placement import fixed_costs, plan_sizes
+from .quant.format import QuantSpec
+from .quant.recipes import RECIPES, Recipe
 
 # onnxruntime keeps MatMulNBits' prepacked copies next to the weights: 2.66 GB resident for 1.94 GB of
 # decoder weights measured on full-size Tiny int4-experts (bench/RESULTS.md, 2026-11-28)
@@ -41,9 +43,6 @@ def sizes(config: VL2Config, recipe: str | None, float_bytes: int = 2) -> dict:
 
 def report(config: VL2Config, gpu_memory: int | None = None, ram: int | None = None, context: int | None = None,
            name: str = "") -> str:
-    from .errors import InputError
-    from .offload import fixed_costs, plan_sizes
-
     lc, G = config.language_config, 2**30
     ctx = context or lc.max_position_embeddings
     params = config.num_params() - sum(math.prod(s) for n, s in config.tensor_shapes().items()

@@ -2,7 +2,7 @@
 
 `OnnxModel(dir)` implements what `generate.py` drives (`new_cache`, `prefill`, `decode`) plus
 `embed` (token embeddings gathered from a memory-mapped table, image features from the vision graph,
-laid out by `processor.image_layout`). All tiles of a prompt go through the vision graph in one batch.
+laid out by `vl2edge.layout.image_layout`). All tiles of a prompt go through the vision graph in one batch.
 The CUDA execution provider is used when `onnxruntime-gpu` is installed and a GPU is visible;
 threads default to the number of physical cores. See export/build.py for the directory layout.
 """
@@ -15,22 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifact import FORMAT, MANIFEST, verify_files
 from .config import VL2Config
 from .errors import CheckpointError, InputError
-from .processor import gather_rows, image_layout
-
-FORMAT = "vl2edge.onnx.v1"
-MANIFEST = "manifest.json"
-
-
-def is_onnx_dir(path) -> bool:
-    f = Path(path) / MANIFEST
-    if not f.is_file():
-        return False
-    try:
-        return json.loads(f.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+from .layout import gather_rows, image_layout
 
 
 def physical_cores() -> int:
@@ -172,6 +160,7 @@ class OnnxModel:
             io.bind_cpu_input("inputs_embeds", embeds)
             io.bind_cpu_input("attention_mask", cache.mask)
             io.bind_output("logits")
+            assert cache.values is not None  # OnnxCache binds OrtValues when shared
             for past, present in zip(self.past_names, self.present_names):
                 io.bind_ortvalue_input(past, cache.values[past])
                 io.bind_ortvalue_output(present, cache.values[past])
@@ -195,23 +184,3 @@ class OnnxModel:
 
     def verify_files(self) -> list[str]:
         return verify_files(self.root)
-
-
-def verify_files(root) -> list[str]:
-    """Files of an export whose sha256 differs from manifest.json's, or that are missing (empty: all good)."""
-    import hashlib
-
-    root = Path(root)
-    bad = []
-    for name, digest in json.loads((root / MANIFEST).read_text()).get("files", {}).items():
-        h = hashlib.sha256()
-        try:
-            with open(root / name, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    h.update(block)
-        except OSError:
-            bad.append(name)
-            continue
-        if h.hexdigest() != digest:
-            bad.append(name)
-    return bad

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
-from .generate import DEFAULT_CHUNK, generate
+from .generate import DEFAULT_CHUNK, Backend, generate
 from .grounding import parse as parse_grounding
+from .placement import Plan
 from .processor import Processor
 from .sampling import SamplingParams
 
@@ -57,6 +58,8 @@ class TextStream:
 
 class Generation:
     """One answer in progress: iterate for text pieces; `.result` once exhausted."""
+
+    result: Result | None
 
     def __init__(self, pipe: Pipeline, messages, images, max_new_tokens, temperature, top_p,
                  repetition_penalty, seed, chunk_size, stop=None, inputs=None):
@@ -116,8 +119,11 @@ class Generation:
 
 
 class Pipeline:
-    def __init__(self, processor: Processor, backend, context_length: int, name: str = ""):
-        self.processor, self.backend, self.context_length, self.name = processor, backend, context_length, name
+    """A processor, a decoder backend (`VL2Model` or `OnnxModel`) and, when a GPU budget was planned,
+    the device placement (`vl2edge.placement.Plan`)."""
+
+    def __init__(self, processor: Processor, backend: Backend, context_length: int, plan: Plan | None = None):
+        self.processor, self.backend, self.context_length, self.plan = processor, backend, context_length, plan
 
     def generation(self, messages, images=None, *, max_new_tokens: int = 512, temperature: float = 0.0,
                    top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
@@ -140,6 +146,7 @@ class Pipeline:
         g = self.generation(messages, images, **kw)
         for _ in g:
             pass
+        assert g.result is not None  # set when the iteration ends
         return g.result
 
 
@@ -147,24 +154,26 @@ def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | Non
          threads: int | None = None, gpu_memory=None) -> Pipeline:
     """A ready pipeline for a model directory or Hugging Face id.
 
-    An ONNX export (`python -m export`, has manifest.json) runs on ONNX Runtime without torch (`threads`
+    An ONNX export (`vl2edge export`, has manifest.json) runs on ONNX Runtime without torch (`threads`
     defaults to the physical cores); anything else on the PyTorch backend. A quantized directory
-    (`python -m quant`) loads as such; `quant="int4-experts"` (or `int8`, `int4`) quantizes a float
+    (`vl2edge quantize`) loads as such; `quant="int4-experts"` (or `int8`, `int4`) quantizes a float
     checkpoint while loading, without writing files. `gpu_memory` ("6GiB") plans the device placement
-    and offloads the routed experts that do not fit (see VL2Model.from_pretrained).
+    and offloads the routed experts that do not fit (see `vl2edge.models.loading.load_model`).
     """
+    from .artifact import is_onnx_dir
     from .hub import resolve
-    from .onnx_backend import OnnxModel, is_onnx_dir
 
     path = resolve(path_or_id)
     if is_onnx_dir(path):
+        from .onnx_backend import OnnxModel
+
         if quant is not None:
             raise InputError(f"{path} is an ONNX export; its recipe was fixed when it was exported")
         backend = OnnxModel(path, device=device, threads=threads)
         return Pipeline(Processor.from_pretrained(path), backend,
-                        backend.config.language_config.max_position_embeddings, name=str(path_or_id))
-    from .model import VL2Model
+                        backend.config.language_config.max_position_embeddings)
+    from .models.loading import load_model
 
-    model = VL2Model.from_pretrained(path, dtype=dtype, device=device, quant=quant, gpu_memory=gpu_memory)
-    return Pipeline(Processor.from_pretrained(path), model,
-                    model.config.language_config.max_position_embeddings, name=str(path_or_id))
+    model, plan = load_model(path, dtype=dtype, device=device, quant=quant, gpu_memory=gpu_memory)
+    return Pipeline(Processor.from_pretrained(path), model, model.config.language_config.max_position_embeddings,
+                    plan)

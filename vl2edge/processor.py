@@ -1,6 +1,7 @@
 """The DeepSeek-VL2 processor, exactly: chat template, tokenization, image tiling, image-token layout.
 
-Reproduces `DeepseekVLV2Processor` (research/vl2-reference.md §5, §7) without transformers or torch:
+Reproduces `DeepseekVLV2Processor` (`deepseek_vl2/models/processing_deepseek_vl_v2.py`) without
+transformers or torch:
 the tokenizer is `tokenizer.json` through the `tokenizers` library, images go through PIL
 (`ImageOps.pad`, bicubic, pad colour 127) and numpy. Outputs are numpy arrays shaped like the
 official tensors: input_ids int64 [1,T], attention_mask bool [1,T], images float32 [1,n,3,S,S],
@@ -92,6 +93,7 @@ def select_best_resolution(size: tuple[int, int], candidates) -> tuple[int, int]
         waste = cw * ch - eff
         if eff > best_eff or (eff == best_eff and waste < best_waste):
             best, best_eff, best_waste = (cw, ch), eff, waste
+    assert best is not None  # candidates is non-empty (ProcessorConfig.from_dict checks it)
     return best
 
 
@@ -159,7 +161,7 @@ class Processor:
             tok = Tokenizer.from_file(str(root / "tokenizer.json"))
         except Exception as e:
             raise ConfigError(f"{root / 'tokenizer.json'} cannot be loaded: {e}") from None
-        names = {}
+        names: dict[str, object] = {}
         for f in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
             if (root / f).is_file():
                 try:
@@ -172,6 +174,7 @@ class Processor:
                                                                          "<|User|>", "<|Assistant|>"]
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra])
         pad_id = pad_id if pad_id is not None else tok.token_to_id(config.pad_token)
+        assert pad_id is not None  # pad_token was just registered above
         bos_id, eos_id = _token_id(tok, names, "bos_token"), _token_id(tok, names, "eos_token")
         if bos_id is None or eos_id is None:
             raise ConfigError(f"{root}: tokenizer_config.json must name bos_token and eos_token found in "
@@ -292,49 +295,6 @@ class Processor:
             crop[b, :o.images_spatial_crop.shape[1]] = o.images_spatial_crop[0]
         return ProcessorOutput(ids, att, pix, seq, crop, [s for o in outputs for s in o.image_sizes],
                                [c for o in outputs for c in o.num_image_tokens])
-
-
-NEWLINE, SEPARATOR = -1, -2
-
-
-def image_layout(crops, n: int, global_view_pos: str = "head", same_tile=None):
-    """Where every image token's feature comes from (the model side of the 2D tile tag, research §6).
-
-    crops: images_spatial_crop [B, N, 2] ([w_tiles, h_tiles], [0, 0] = no more images in the row).
-    same_tile(b, t1, t2) -> bool, optional: lets a single-tile image whose local tile is its global
-    view (pixel-identical) be encoded once.
-    Returns (tiles, rows): tiles = [(b, t)], the pixel tiles to run through the vision tower, in
-    order; rows[b] = int64 array with one entry per image token of row b: k * n*n + p for patch p of
-    tiles[k], NEWLINE or SEPARATOR. Per image: global view rows each followed by a newline, the
-    separator, then the stitched local grid with a newline after each row (global last when
-    global_view_pos == "tail").
-    """
-    tiles, rows, nn_ = [], [], n * n
-    grid = np.arange(nn_).reshape(n, n)
-    for b, row in enumerate(np.asarray(crops).tolist()):
-        t, parts = 0, []
-        for w, h in row:
-            if w == 0 or h == 0:
-                break
-            ids = list(range(len(tiles), len(tiles) + 1 + w * h))
-            tiles += [(b, t + j) for j in range(1 + w * h)]
-            if w * h == 1 and same_tile is not None and same_tile(b, t, t + 1):
-                tiles.pop()
-                ids[1] = ids[0]
-            glob = np.concatenate([ids[0] * nn_ + grid, np.full((n, 1), NEWLINE)], axis=1).reshape(-1)
-            # local tiles row-major: [(th tw), (n n)] -> [(th n), (tw n)]
-            local = (np.asarray(ids[1:]).reshape(h, w)[:, None, :, None] * nn_ + grid[None, :, None, :])
-            local = np.concatenate([local.reshape(h * n, w * n), np.full((h * n, 1), NEWLINE)], axis=1).reshape(-1)
-            sep = np.array([SEPARATOR])
-            parts += [glob, sep, local] if global_view_pos == "head" else [local, sep, glob]
-            t += 1 + w * h
-        rows.append(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64))
-    return tiles, rows
-
-
-def gather_rows(index: np.ndarray, n_features: int) -> np.ndarray:
-    """Map NEWLINE/SEPARATOR to the rows appended after the n_features tile features."""
-    return np.where(index >= 0, index, n_features - 1 - index)
 
 
 def _check_messages(conversation) -> list[dict]:

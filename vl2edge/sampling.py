@@ -54,7 +54,7 @@ def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
            seen: list[np.ndarray] | None = None) -> np.ndarray:
     """One token id per row [B] (int64)."""
-    x = np.asarray(logits, dtype=np.float32)
+    x: np.ndarray = np.asarray(logits, dtype=np.float32)
     if params.repetition_penalty != 1.0 and seen is not None:
         x = apply_repetition_penalty(x, seen, params.repetition_penalty)
     if params.temperature == 0:
@@ -64,5 +64,6 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         x = top_p_filter(x, params.top_p)
     p = np.exp(x - x.max(-1, keepdims=True))
     cdf = np.cumsum(p / p.sum(-1, keepdims=True), axis=-1)
-    u = rng.random(x.shape[0])
+    rows: int = x.shape[0]  # typed: an Any size would pick rng.random's scalar overload
+    u = rng.random(rows)
     return np.minimum((cdf < u[:, None]).sum(-1), x.shape[1] - 1).astype(np.int64)

@@ -94,6 +94,7 @@ def to_conversation(messages, allowed_root, allow_remote, limits: Limits) -> tup
 
     if not isinstance(messages, list) or not messages:
         raise HTTPError(400, "messages must be a non-empty list")
+    images: list[Image.Image]
     conv, images = [], []
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):

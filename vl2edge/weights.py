@@ -17,12 +17,16 @@ import os
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
+# The files of a model directory besides its tensors, which converted copies (quantized, exported) carry along
+SIDE_FILES = ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "generation_config.json")
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER = 100 * 2**20
 
@@ -64,8 +68,8 @@ class SafetensorsFile:
                     raise CheckpointError(f"{self.path} is corrupt or truncated: header length {n} does not fit "
                                           f"in a {size}-byte file")
                 header = json.loads(f.read(n).decode("utf-8"))
-        except OSError as e:
-            raise CheckpointError(f"cannot read {self.path}: {e.strerror or e}") from None
+        except OSError as err:
+            raise CheckpointError(f"cannot read {self.path}: {err.strerror or err}") from None
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(f"{self.path} is corrupt: its header is not valid JSON") from None
         if not isinstance(header, dict):
@@ -249,6 +253,7 @@ class SafetensorsWriter:
 
     def __init__(self, path, specs: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
         self.path = Path(path)
+        header: dict[str, dict[str, Any]]
         header, off = {}, 0
         for name, (dtype, shape) in specs.items():
             n = math.prod(shape) * np.dtype(STORAGE[dtype]).itemsize
@@ -261,7 +266,7 @@ class SafetensorsWriter:
         self.specs, self.ends, self.total = specs, {k: v["data_offsets"][1] for k, v in header.items()
                                                     if k != "__metadata__"}, off
         self._order, self._pos = iter(specs), 0
-        self._current = None
+        self._current: str | None = None
         self._f = open(self.path, "wb")
         self._f.write(struct.pack("<Q", len(blob)) + blob)
 
@@ -298,6 +303,8 @@ class SafetensorsWriter:
 
 def plan_shards(specs: dict[str, tuple[str, tuple[int, ...]]], max_shard_bytes: int) -> list[list[str]]:
     """Split tensors (in order) into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
+    shards: list[list[str]]
+    cur: list[str]
     shards, cur, size = [], [], 0
     for name, (dtype, shape) in specs.items():
         n = math.prod(shape) * np.dtype(STORAGE[dtype]).itemsize
@@ -325,19 +332,23 @@ def write_checkpoint(root, specs: dict[str, tuple[str, tuple[int, ...]]],
         groups = plan_shards(specs, max_shard_bytes)
         names = [f"model-{i + 1:05d}-of-{len(groups):06d}.safetensors" for i in range(len(groups))]
     shard_of = {t: i for i, g in enumerate(groups) for t in g}
-    writers = [None] * len(groups)
+    writers: list[SafetensorsWriter | None] = [None] * len(groups)
     it: Iterator = iter(chunks)
     try:
         for name, chunk in it:
             i = shard_of[name]
-            if writers[i] is None:
-                if i > 0 and writers[i - 1] is not None:
-                    writers[i - 1].close()
-                writers[i] = SafetensorsWriter(root / names[i], {t: specs[t] for t in groups[i]}, metadata)
-            writers[i].write(name, chunk)
+            writer = writers[i]
+            if writer is None:
+                prev = writers[i - 1] if i > 0 else None
+                if prev is not None:
+                    prev.close()
+                writer = writers[i] = SafetensorsWriter(root / names[i], {t: specs[t] for t in groups[i]}, metadata)
+            writer.write(name, chunk)
         if any(w is None for w in writers):
             raise CheckpointError(f"{root}: not every shard received data")
-        writers[-1].close()
+        last = writers[-1]
+        assert last is not None  # every shard was checked just above
+        last.close()
     finally:
         for w in writers:
             if w is not None and not w._f.closed:

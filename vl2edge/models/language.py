@@ -1,6 +1,7 @@
 """DeepSeekMoE language model in plain PyTorch: RMSNorm, MHA (Tiny) and MLA (Small/Base), MoE.
 
-Matches the reference `modeling_deepseek.py` (research/vl2-reference.md §8): RMSNorm casts to the
+Matches the reference `deepseek_vl2/models/modeling_deepseek.py` (`DeepseekV2RMSNorm`,
+`DeepseekV2Attention`, `DeepseekV2MoE`, `MoEGate`, `DeepseekV2DecoderLayer`): RMSNorm casts to the
 activation dtype before the weight multiply; Tiny's transformers-4.38 `LlamaAttention` with NeoX
 ("rotate_half") RoPE; MLA with the de-interleaved RoPE and softmax scale (nope+rope)^-0.5; an fp32
 router with softmax/greedy, group-limited and sigmoid/noaux_tc selection; shared experts added after
@@ -17,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
-from .config import LanguageConfig
+from vl2edge.config import LanguageConfig
+
+from .cache import Cache
 from .experts import DenseExperts, Experts
 
 
@@ -73,6 +75,7 @@ class MHAttention(nn.Module):
 
     def __init__(self, c: LanguageConfig, layer: int):
         super().__init__()
+        assert c.num_key_value_heads is not None  # LanguageConfig fills it from num_attention_heads
         self.layer, self.H, self.KV, self.hd, self.theta = (layer, c.num_attention_heads, c.num_key_value_heads,
                                                              c.head_dim, c.rope_theta)
         b = c.attention_bias
@@ -81,7 +84,7 @@ class MHAttention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.KV * self.hd, bias=b)
         self.o_proj = nn.Linear(self.H * self.hd, c.hidden_size, bias=b)
 
-    def forward(self, x, positions, mask, cache: KVCache) -> torch.Tensor:
+    def forward(self, x, positions, mask, cache: Cache) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)   # [B, H, T, hd]
         k = self.k_proj(x).view(B, T, self.KV, self.hd).transpose(1, 2)
@@ -108,6 +111,7 @@ class MLAttention(nn.Module):
 
     def __init__(self, c: LanguageConfig, layer: int):
         super().__init__()
+        assert c.kv_lora_rank is not None  # LanguageConfig requires it with MLA
         self.layer, self.H, self.theta = layer, c.num_attention_heads, c.rope_theta
         self.N, self.R, self.V, self.C = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
         self.scale = (self.N + self.R) ** -0.5
@@ -124,7 +128,11 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.C, self.H * (self.N + self.V), bias=False)
         self.o_proj = nn.Linear(self.H * self.V, D, bias=b)
 
-    def forward(self, x, positions, mask, cache: KVCache) -> torch.Tensor:
+    def forward(self, x, positions, mask, cache: Cache) -> torch.Tensor:
+        return self.attend(x, positions, mask, cache, expand=x.shape[1] >= self.EXPAND_MIN_T)
+
+    def attend(self, x, positions, mask, cache: Cache, expand: bool) -> torch.Tensor:
+        """expand: per-head keys/values from the latent (long chunks), else the absorbed form."""
         B, T, _ = x.shape
         H, N, R, V, C = self.H, self.N, self.R, self.V, self.C
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -137,7 +145,7 @@ class MLAttention(nn.Module):
         latent = cache.write_latent(self.layer, torch.cat([self.kv_a_layernorm(ckv), k_pe], dim=-1))
         ckv_all, k_pe_all = latent[..., :C], latent[..., C:]          # [B, S, C], [B, S, R]
         w = self.kv_b_proj.weight.view(H, N + V, C)
-        if T >= self.EXPAND_MIN_T:
+        if expand:
             S = latent.shape[1]
             kv = F.linear(ckv_all, self.kv_b_proj.weight).view(B, S, H, N + V).transpose(1, 2)
             k_nope, v = kv.split([N, V], dim=-1)
@@ -158,6 +166,7 @@ class MoEGate(nn.Module):
 
     def __init__(self, c: LanguageConfig):
         super().__init__()
+        assert c.n_routed_experts is not None  # only MoE layers have a gate
         self.c = c
         self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size), requires_grad=False)
         if c.topk_method == "noaux_tc":
@@ -176,6 +185,7 @@ class MoEGate(nn.Module):
         if c.topk_method == "greedy":
             return scores, scores
         T, G = scores.shape[0], c.n_group
+        assert G is not None and c.topk_group is not None  # LanguageConfig requires both for group-limited methods
         choice = scores if c.topk_method == "group_limited_greedy" else scores + self.e_score_correction_bias
         grouped = choice.view(T, G, -1)
         group_score = grouped.max(-1).values if c.topk_method == "group_limited_greedy" \
@@ -185,6 +195,7 @@ class MoEGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, k = self.c, self.c.num_experts_per_tok
+        assert k is not None  # LanguageConfig requires it with routed experts
         choice, scores = self.select_scores(x)
         idx = torch.topk(choice, k, dim=-1, sorted=False)[1]
         w = scores.gather(1, idx)
@@ -197,16 +208,15 @@ class MoE(nn.Module):
     def __init__(self, c: LanguageConfig):
         super().__init__()
         self.gate = MoEGate(c)
+        assert c.n_routed_experts is not None  # only MoE layers are built as MoE
         self.experts: Experts = DenseExperts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
         self.shared_experts = (MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
                                if c.n_shared_experts is not None else None)
-        self.last_topk_idx: torch.Tensor | None = None  # for tests and offloading statistics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         idx, w = self.gate(flat)
-        self.last_topk_idx = idx
         y = self.experts(flat, idx, w).view(B, T, D)
         return y + self.shared_experts(x) if self.shared_experts is not None else y
 
@@ -244,7 +254,7 @@ class LanguageModel(nn.Module):
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(token_ids)
 
-    def forward(self, embeds: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
+    def forward(self, embeds: torch.Tensor, cache: Cache, attention_mask: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Run T new positions [B, T, D] through the layers, appending to `cache`; float32 logits
         [B, T, V] (or [B, V] for the last position with `last_only`)."""

@@ -1,4 +1,5 @@
-"""SigLIP-SO400M vision tower in plain torch (the reference's timm `VisionTransformer`, §3).
+"""SigLIP-SO400M vision tower in plain torch (the reference's timm `VisionTransformer`,
+built in `deepseek_vl2/models/siglip_vit.py`).
 
 Patch conv (stride = kernel = 14: a 384 tile gives 27x27 patches, the last 6 pixel rows/columns are
 never seen), learned position embedding, pre-norm blocks with tanh-GELU MLPs and LayerNorm eps 1e-6,
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VisionConfig
+from vl2edge.config import VisionConfig
 
 
 class PatchEmbed(nn.Module):

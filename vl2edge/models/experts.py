@@ -1,10 +1,18 @@
 """The experts seam: `experts(x, topk_idx, topk_w) -> y`, and its dense implementation.
 
 The router never knows which implementation it calls (dense here; quantized and offloaded ones
-subclass `Experts` and override `expert(e, x)`). Two dispatch paths, neither of which copies expert
-weights: decode (few tokens) runs each (token, slot) through its expert; prefill sorts the
-(token, slot) pairs by expert and runs every active expert once on its rows. Outputs are combined
-as the reference's `moe_infer` does: per-slot outputs weighted and summed in float32, slot order.
+subclass `Experts`). What every implementation declares, and what offloading and export rely on:
+`n_experts`, `hidden`, `inter`, `spec` (None for float weights, else the packed format's
+`QuantSpec`), `expert_tensors(e)` (expert e's weights, views, named `gate_proj`... for float and
+`gate_proj.qweight`... for packed) and `compute(tensors, x)` (one expert from such tensors, wherever
+they live). `expert(e, x)` defaults to `compute(expert_tensors(e), x)`; faster kernels override it.
+
+Two dispatch paths, neither of which copies expert weights: decode (few tokens) runs each
+(token, slot) through its expert; prefill sorts the (token, slot) pairs by expert and runs every
+active expert once on its rows. Outputs are combined as the reference's `moe_infer` does: per-slot
+outputs weighted and summed in float32, slot order.
+
+Dimension legend: T tokens, D hidden, I expert intermediate, A top-k slots per token, E experts.
 """
 
 from __future__ import annotations
@@ -13,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vl2edge.quant.format import QuantSpec, dequantize
+
 DECODE_MAX_ROWS = 16  # (token, slot) pairs up to which the per-pair decode path is used
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -22,15 +33,30 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
 
 
 class Experts(nn.Module):
-    """Base class: subclasses provide `expert(e, x)`; dispatch and combine live here.
+    """Base class: subclasses provide `expert_tensors(e)` (and may override `expert`); dispatch,
+    combine and the math of one expert from its tensors live here."""
 
-    Dimensions: T tokens, D hidden, A = top-k slots per token, E routed experts.
-    """
+    def __init__(self, n_experts: int, hidden: int, inter: int, spec: QuantSpec | None = None):
+        super().__init__()
+        self.n_experts, self.hidden, self.inter, self.spec = n_experts, hidden, inter, spec
 
-    n_experts: int
+    def expert_tensors(self, e: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def compute_weights(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+        """[gate [I, D], up [I, D], down [D, I]] in `dtype` from expert tensors (dequantized if packed)."""
+        if self.spec is None:
+            return [tensors[p].to(dtype) for p in PROJECTIONS]
+        K = {"gate_proj": self.hidden, "up_proj": self.hidden, "down_proj": self.inter}
+        return [dequantize(self.spec, tensors[f"{p}.qweight"], tensors[f"{p}.scales"], tensors.get(f"{p}.qzeros"),
+                           K=K[p]).to(dtype) for p in PROJECTIONS]
+
+    def compute(self, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """One expert on rows x [t, D] from its tensors (as `expert_tensors` returns them, on x's device)."""
+        return swiglu(x, *self.compute_weights(tensors, x.dtype))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.compute(self.expert_tensors(e), x)
 
     def upcoming(self, e: int) -> None:
         """Hint: expert e runs next (offloaded experts start its copy while the current one computes)."""
@@ -71,16 +97,21 @@ class DenseExperts(Experts):
     """Routed experts in float, stacked per projection: gate_proj/up_proj [E, I, D], down_proj [E, D, I].
 
     Checkpoint keys `experts.{e}.{gate,up,down}_proj.weight` load into row e of the stacks
-    (`vl2edge.model.checkpoint_name` is the one rename).
+    (`vl2edge.models.loading.sanitize` is the one rename).
     """
 
     def __init__(self, n_experts: int, hidden: int, inter: int, dtype=None, device=None):
-        super().__init__()
-        self.n_experts = n_experts
+        super().__init__(n_experts, hidden, inter)
         kw = {"dtype": dtype, "device": device}
         self.gate_proj = nn.Parameter(torch.empty(n_experts, inter, hidden, **kw), requires_grad=False)
         self.up_proj = nn.Parameter(torch.empty(n_experts, inter, hidden, **kw), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter, **kw), requires_grad=False)
+
+    def stacks(self) -> dict[str, torch.Tensor]:
+        return {"gate_proj": self.gate_proj, "up_proj": self.up_proj, "down_proj": self.down_proj}
+
+    def expert_tensors(self, e: int) -> dict[str, torch.Tensor]:
+        return {p: t[e] for p, t in self.stacks().items()}
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return swiglu(x, self.gate_proj[e], self.up_proj[e], self.down_proj[e])

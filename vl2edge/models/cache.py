@@ -5,24 +5,52 @@ one latent per layer, [B, S, kv_lora_rank + qk_rope_head_dim]: the normalised co
 by the rotated shared rope key (what the reference's cache holds, in one tensor). `key_mask` [B, S]
 marks which cached positions are real tokens (left padding is not), and `positions` [B] is the next
 RoPE position of each row.
+
+`Cache` is the protocol the attention modules write through: `KVCache` here at run time, and
+`vl2edge.export.graphs.GraphCache` (explicit past inputs, present outputs) while tracing the ONNX graph.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from .config import LanguageConfig
+from vl2edge.config import LanguageConfig
+
+
+class Cache(Protocol):
+    def begin(self, attention_mask: torch.Tensor | None, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Open T new positions: (position_ids [B, T], attention mask [B, 1, T, S])."""
+        ...
+
+    def commit(self, T: int) -> None:
+        """Close the positions opened by `begin`."""
+        ...
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MHA: store this call's keys/values; return every key/value so far."""
+        ...
+
+    def write_latent(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
+        """MLA: store this call's latents; return every latent so far."""
+        ...
 
 
 class KVCache:
     def __init__(self, config: LanguageConfig, batch: int, max_len: int, dtype, device=None):
         L = config.num_hidden_layers
         self.max_len, self.length = max_len, 0
+        self.latent: torch.Tensor | None  # MLA
+        self.k: torch.Tensor | None  # MHA
+        self.v: torch.Tensor | None
         if config.use_mla:
+            assert config.kv_lora_rank is not None  # LanguageConfig requires it with MLA
             width = config.kv_lora_rank + config.qk_rope_head_dim
             self.latent = torch.zeros(L, batch, max_len, width, dtype=dtype, device=device)
             self.k = self.v = None
         else:
+            assert config.num_key_value_heads is not None  # LanguageConfig fills it from num_attention_heads
             shape = (L, batch, config.num_key_value_heads, max_len, config.head_dim)
             self.k = torch.zeros(shape, dtype=dtype, device=device)
             self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -61,6 +89,7 @@ class KVCache:
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MHA: store k, v [B, KV, T, hd] at the open positions; return all keys/values so far."""
+        assert self.k is not None and self.v is not None  # an MHA cache
         start, end = self.length, self.length + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
@@ -68,6 +97,7 @@ class KVCache:
 
     def write_latent(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
         """MLA: store latent [B, T, C] at the open positions; return all latents so far [B, S, C]."""
+        assert self.latent is not None  # an MLA cache
         start, end = self.length, self.length + latent.shape[1]
         self.latent[layer, :, start:end] = latent
         return self.latent[layer, :, :end]
