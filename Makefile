@@ -1,4 +1,4 @@
-# One-line wrappers; CI (.ci/run) runs `make install` and `make test`.
+# One-line wrappers; CI (.ci/run) runs `make install`, `make lint` and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -40,13 +40,16 @@ RECIPE ?= int4-experts
 MODEL_DEPS = install $(if $(filter $(DEMO),$(MODEL)),$(DEMO)/config.json)
 
 quantize: $(MODEL_DEPS)
-	$(PY) -m quant $(MODEL) $(or $(OUT),models/$(notdir $(MODEL))-$(RECIPE)) --recipe $(RECIPE)
+	$(VENV)/bin/vl2edge quantize $(MODEL) $(or $(OUT),models/$(notdir $(MODEL))-$(RECIPE)) --recipe $(RECIPE)
 
 export: $(MODEL_DEPS)
-	$(PY) -m export --model $(MODEL) --out $(or $(OUT),models/$(notdir $(MODEL))-onnx-$(RECIPE)) --recipe $(RECIPE)
+	$(VENV)/bin/vl2edge export --model $(MODEL) --out $(or $(OUT),models/$(notdir $(MODEL))-onnx-$(RECIPE)) \
+		--recipe $(RECIPE)
 
+# ruff (style, imports, common bugs) and mypy (basic mode: the annotated seams; config in pyproject.toml)
 lint: install
 	$(PY) -m ruff check vl2edge quant export tests bench
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
