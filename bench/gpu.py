@@ -36,12 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import decode_rate, first_token  # noqa: E402
-from vl2edge.config import preset  # noqa: E402
 from vl2edge.models.experts import DenseExperts  # noqa: E402
 from vl2edge.models.language import MoEGate  # noqa: E402
 from vl2edge.models.model import VL2Model  # noqa: E402
 from vl2edge.models.offload import CostModel, OffloadedExperts, offload, offload_stats, plan_placement  # noqa: E402
 from vl2edge.models.swap import swap_modules  # noqa: E402
+from vl2edge.presets import preset  # noqa: E402
 from vl2edge.processor import Processor  # noqa: E402
 from vl2edge.quant.modules import QuantExperts  # noqa: E402
 from vl2edge.quant.recipes import Recipe  # noqa: E402

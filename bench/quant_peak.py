@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main():
-    from vl2edge.config import preset
+    from vl2edge.presets import preset
     from vl2edge.synthetic import write_model
     from vl2edge.weights import disk_size
 

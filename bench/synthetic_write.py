@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from vl2edge import synthetic
-from vl2edge.config import PRESETS
+from vl2edge.presets import PRESETS
 from vl2edge.weights import disk_size
 
 

@@ -27,6 +27,7 @@ from vl2edge.generate import prefill
 from vl2edge.hub import resolve
 from vl2edge.models.loading import load_model
 from vl2edge.models.model import VL2Model
+from vl2edge.outputs import OutputDir
 from vl2edge.processor import Processor
 from vl2edge.quant.recipes import EXPORT_RECIPES, Recipe, read_manifest
 from vl2edge.synthetic import sample_image
@@ -79,8 +80,11 @@ def _errors(got: np.ndarray, ref: np.ndarray) -> dict:
 
 
 def export(src, dst, recipe: str = "int4-experts", block_size: int = 32, vision: str = "both",
-           accuracy_level: int = 4, routing_outputs: bool = False, progress: bool = True) -> Path:
-    """Quantize (per `recipe`), export and verify. vision: "float", "int8" or "both" (quantized recipes)."""
+           accuracy_level: int = 4, routing_outputs: bool = False, progress: bool = True,
+           overwrite: bool = False) -> Path:
+    """Quantize (per `recipe`), export and verify into the new directory `dst` (written under a temporary
+    name and renamed into place when complete; refused if it holds files, unless `overwrite`).
+    vision: "float", "int8" or "both" (quantized recipes)."""
     if recipe not in EXPORT_RECIPES:
         raise InputError(f"unknown recipe {recipe!r}; known: {', '.join(EXPORT_RECIPES)}")
     if vision not in ("float", "int8", "both"):
@@ -88,6 +92,14 @@ def export(src, dst, recipe: str = "int4-experts", block_size: int = 32, vision:
     src, dst = resolve(src), Path(dst)
     if read_manifest(src) is not None:
         raise InputError(f"{src} is already quantized; export from the float checkpoint")
+    with OutputDir(dst, overwrite, sources=(src,)) as out:
+        _build(src, out, recipe, block_size, vision, accuracy_level, routing_outputs, progress)
+    return dst
+
+
+def _build(src: Path, out: Path, recipe: str, block_size: int, vision: str, accuracy_level: int,
+           routing_outputs: bool, progress: bool) -> None:
+    """Everything `export` writes, into `out`."""
     steps = ["load", "vision", "vision_int8", "decoder", "verify", "write"]
     if recipe == "float32" or vision == "float":
         steps.remove("vision_int8")
@@ -112,10 +124,10 @@ def export(src, dst, recipe: str = "int4-experts", block_size: int = 32, vision:
     config: VL2Config = model.config
     inputs = _sample_inputs(src)
     ref = _reference(model, inputs)
-    dst.mkdir(parents=True, exist_ok=True)
-    np.save(dst / "embed_tokens.npy", model.language.model.embed_tokens.weight.detach().float().numpy())
-    np.save(dst / "image_newline.npy", model.image_newline.detach().float().numpy())
-    np.save(dst / "view_seperator.npy", model.view_seperator.detach().float().numpy())
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "embed_tokens.npy", model.language.model.embed_tokens.weight.detach().float().numpy())
+    np.save(out / "image_newline.npy", model.image_newline.detach().float().numpy())
+    np.save(out / "view_seperator.npy", model.view_seperator.detach().float().numpy())
     specs = {}
     if quant is not None:
         specs = {n: s.to_dict() for n, s in quant.specs(config.tensor_shapes()).items()}
@@ -123,25 +135,25 @@ def export(src, dst, recipe: str = "int4-experts", block_size: int = 32, vision:
     prepare(model, accuracy_level, plain=quant is None)
     graphs = {}
     step("vision tower (float32)")
-    graphs["vision"] = export_vision(model, dst / "vision.onnx")
+    graphs["vision"] = export_vision(model, out / "vision.onnx")
     done()
     if vision in ("int8", "both") and quant is not None:
         step("vision tower (int8)")
-        graphs["vision_int8"] = quantize_vision(dst / "vision.onnx", dst / "vision_int8.onnx")
+        graphs["vision_int8"] = quantize_vision(out / "vision.onnx", out / "vision_int8.onnx")
         specs |= {n: {"bits": 8, "graph": "vision_int8", "scheme": graphs["vision_int8"]["scheme"]}
                   for n, s in config.tensor_shapes().items()
                   if n.startswith("vision.blocks.") and n.endswith(".weight") and len(s) == 2}
         if vision == "int8":
-            for f in (dst / "vision.onnx", dst / "vision.onnx.data"):
+            for f in (out / "vision.onnx", out / "vision.onnx.data"):
                 f.unlink(missing_ok=True)
             del graphs["vision"]
         done()
     step("decoder")
-    graphs["decoder"] = export_decoder(model, dst / "decoder.onnx", routing=routing_outputs)
+    graphs["decoder"] = export_decoder(model, out / "decoder.onnx", routing=routing_outputs)
     done()
-    for f in SIDE_FILES:
-        if (src / f).is_file():
-            shutil.copyfile(src / f, dst / f)
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
     moes = [m for m in model.modules() if isinstance(m, ExportMoE)]
     uses_qmoe = any(qmoe_ok(m.experts) for m in moes)
     manifest = {
@@ -160,15 +172,16 @@ def export(src, dst, recipe: str = "int4-experts", block_size: int = 32, vision:
         "min_onnxruntime": "1.25.0" if uses_qmoe else ("1.22.0" if specs else "1.17.0"),
         "recommended_onnxruntime": "1.31.0",
     }
-    (dst / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     step("verify with onnxruntime")
-    manifest["verification"] = _verify(dst, graphs, ref, inputs)
+    manifest["verification"] = _verify(out, graphs, ref, inputs)
     done()
     step("checksums")
-    manifest["files"] = {p.name: sha256(p) for p in sorted(dst.iterdir()) if p.name != MANIFEST}
+    files = sorted(p for p in out.iterdir() if p.name != MANIFEST)
+    manifest["files"] = {p.name: sha256(p) for p in files}
+    manifest["sizes"] = {p.name: p.stat().st_size for p in files}
     manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
-    (dst / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     done()
     if bar:
         bar.close()
-    return dst

@@ -18,7 +18,8 @@ import numpy as np
 from vl2edge.config import VL2Config
 from vl2edge.errors import CheckpointError
 from vl2edge.hub import resolve
-from vl2edge.weights import INDEX_NAME, SIDE_FILES, STORAGE, Checkpoint, write_checkpoint
+from vl2edge.outputs import OutputDir
+from vl2edge.weights import SIDE_FILES, STORAGE, Checkpoint, write_checkpoint
 
 from .quantizers import quantize
 from .recipes import Recipe, base_name, packed_tensor_shapes, read_manifest, write_manifest
@@ -52,37 +53,36 @@ def _chunks(ck: Checkpoint, shapes: dict, specs: dict, bar=None) -> Iterator[tup
         f.release(name)
 
 
-def convert(src, dst, recipe: Recipe, progress: bool = True) -> Path:
+def convert(src, dst, recipe: Recipe, progress: bool = True, overwrite: bool = False) -> Path:
+    """Quantize `src` into the new model directory `dst` (refused if it holds files, unless `overwrite`)."""
     src, dst = resolve(src), Path(dst)
     if read_manifest(src) is not None:
         raise CheckpointError(f"{src} is already quantized; quantize the float checkpoint")
-    if dst.resolve() == src.resolve():
-        raise CheckpointError("the output directory must differ from the source")
+    out = OutputDir(dst, overwrite, sources=(src,))
     config = VL2Config.from_pretrained(src)
     ck = Checkpoint.open(src)
     shapes = config.tensor_shapes()
     ck.check_keys(shapes, "config.json")
     ck.check_shapes(shapes)
+    ck.check_dtypes(dict.fromkeys(shapes))
     specs = recipe.specs(shapes)
     layout = {n: (dt or ck.dtype(n), s) for n, (dt, s) in packed_tensor_shapes(shapes, specs).items()}
     total = sum(math.prod(s) * np.dtype(STORAGE[d]).itemsize for d, s in layout.values())
-    dst.mkdir(parents=True, exist_ok=True)
-    for stale in [*dst.glob("model*.safetensors"), dst / INDEX_NAME]:
-        stale.unlink(missing_ok=True)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    with out as tmp:
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=ck.nbytes(), unit="B", unit_scale=True, desc=f"quantizing ({recipe.label})")
-    try:
-        write_checkpoint(dst, layout, _chunks(ck, shapes, specs, bar),
-                         max_shard_bytes=SHARD if total > 64 * 2**20 else None,
-                         metadata={"format": "pt", "quantization": recipe.label})
-    finally:
-        if bar:
-            bar.close()
-    for name in SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-    write_manifest(dst, recipe, specs, source=str(src))
+            bar = tqdm(total=ck.nbytes(), unit="B", unit_scale=True, desc=f"quantizing ({recipe.label})")
+        try:
+            write_checkpoint(tmp, layout, _chunks(ck, shapes, specs, bar),
+                             max_shard_bytes=SHARD if total > 64 * 2**20 else None,
+                             metadata={"format": "pt", "quantization": recipe.label})
+        finally:
+            if bar:
+                bar.close()
+        for name in SIDE_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        write_manifest(tmp, recipe, specs, source=str(src))
     return dst

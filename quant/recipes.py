@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from vl2edge import schema
 from vl2edge.errors import ConfigError
 
 from .format import QuantSpec
@@ -114,15 +115,21 @@ def read_manifest(root) -> dict[str, QuantSpec] | None:
     f = Path(root) / MANIFEST
     if not f.is_file():
         return None
-    try:
-        d = json.loads(f.read_text())
-        if d.get("format") != FORMAT:
-            raise ConfigError(f"{f}: unknown quantization format {d.get('format')!r} (expected {FORMAT})")
-        return {name: QuantSpec(**s) for name, s in d["tensors"].items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{f} is malformed: {e}") from None
+    top = schema.Fields(schema.load_file(f), str(f))
+    if top.raw("format", None) != FORMAT:
+        raise ConfigError(f"{f}: unknown quantization format {top.raw('format', None)!r:.60} (expected {FORMAT})")
+    tensors = top.sub("tensors")
+    specs = {}
+    for name in tensors.obj:
+        t = tensors.sub(name)
+        try:
+            specs[name] = QuantSpec(t.integer("bits"), t.integer("block_size", lo=1, hi=1 << 16),
+                                    t.boolean("symmetric"), t.text("algorithm", "rtn", max_len=16))
+        except ValueError as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{t.where}: {e}") from None
+    return specs
 
 
 def write_manifest(root, recipe: Recipe, specs: dict[str, QuantSpec], source: str) -> None:

@@ -3,8 +3,9 @@ import json
 import pytest
 
 from tests import golden
-from vl2edge.config import OFFICIAL, PRESETS, VL2Config, preset, tiny
+from vl2edge.config import VL2Config
 from vl2edge.errors import ConfigError
+from vl2edge.presets import OFFICIAL, PRESETS, preset, tiny
 from vl2edge.weights import Checkpoint
 
 # Totals and tensor counts of the released checkpoints (counted from the reference modules in

@@ -120,12 +120,14 @@ def test_manifest_describes_the_artifact(exports):
 def test_broken_artifacts_are_reported(exports, tmp_path):
     d = tmp_path / "copy"
     shutil.copytree(exports["small", "float32"], d)
-    (d / "embed_tokens.npy").write_bytes(b"garbage")
+    size = (d / "embed_tokens.npy").stat().st_size
+    (d / "embed_tokens.npy").write_bytes(b"garbage".ljust(size, b"\0"))  # same size: only the content is wrong
     assert verify_files(d) == ["embed_tokens.npy"]
     with pytest.raises(CheckpointError, match="embedding tables"):
         OnnxModel(d)
     shutil.copytree(exports["small", "float32"], d, dirs_exist_ok=True)
-    (d / "decoder.onnx").write_bytes(b"\x08\x01garbage")
+    size = (d / "decoder.onnx").stat().st_size
+    (d / "decoder.onnx").write_bytes(b"\x08\x01garbage".ljust(size, b"\0"))
     with pytest.raises(CheckpointError, match="cannot be loaded by onnxruntime"):
         OnnxModel(d)
     (d / "decoder.onnx").unlink()

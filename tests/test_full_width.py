@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from vl2edge import synthetic
-from vl2edge.config import preset
 from vl2edge.models.loading import load_model
+from vl2edge.presets import preset
 from vl2edge.processor import Processor
 
 pytestmark = pytest.mark.slow

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from vl2edge.config import tiny
 from vl2edge.models import experts as experts_mod
 from vl2edge.models.experts import DenseExperts
 from vl2edge.models.language import MoEGate
+from vl2edge.presets import tiny
 
 
 def _gate(**lm):

@@ -222,7 +222,7 @@ def test_conversion_streams_in_bounded_memory(tmp_path, monkeypatch):
 
     qc = importlib.import_module("vl2edge.quant.convert")
     from vl2edge import synthetic
-    from vl2edge.config import tiny
+    from vl2edge.presets import tiny
 
     cfg = tiny("mha").replace(language_config={"vocab_size": 65536, "hidden_size": 256},
                               projector_config={"n_embed": 256})

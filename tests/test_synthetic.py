@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from vl2edge import synthetic
-from vl2edge.config import VL2Config, preset, tiny
+from vl2edge.config import VL2Config
+from vl2edge.presets import preset, tiny
 from vl2edge.processor import Processor
 from vl2edge.weights import Checkpoint, bf16_to_f32
 

@@ -1,7 +1,10 @@
-"""The ONNX artifact directory's manifest: its format tag, file name and checksums (no torch).
+"""The ONNX artifact directory's manifest: its format tag, file name, validation and checksums (no torch).
 
 Written by `vl2edge.export.build`, read by `vl2edge.onnx_backend`; one copy of both constants and of
-the sha256 loop. The directory layout is described in export/build.py.
+the sha256 loop. `read_manifest` validates every field the backend reads (file names must be plain
+names inside the directory; file sizes, where the export recorded them, must match: a swapped or
+truncated file is refused before onnxruntime sees it); `verify_files` is the full sha256 check behind
+`vl2edge verify DIR`. The directory layout is described in export/build.py.
 """
 
 from __future__ import annotations
@@ -9,6 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
+
+from . import schema
+from .errors import CheckpointError
 
 FORMAT = "vl2edge.onnx.v1"
 MANIFEST = "manifest.json"
@@ -23,22 +30,88 @@ def sha256(path: Path) -> str:
 
 
 def is_onnx_dir(path) -> bool:
+    """Does `path` hold a vl2edge ONNX export (any version: an unknown one is then refused by name)?"""
     f = Path(path) / MANIFEST
     if not f.is_file():
         return False
     try:
-        return json.loads(f.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        fmt = json.loads(f.read_bytes()[: 1 << 20]).get("format")
+    except (ValueError, RecursionError, AttributeError):  # not JSON, not UTF-8, or not an object
         return False
+    return isinstance(fmt, str) and fmt.startswith(FORMAT.rsplit(".", 1)[0])
+
+
+def plain_name(name: str, where: str) -> str:
+    """A file name inside the directory: no separators, not `.` or `..`."""
+    if "/" in name or "\\" in name or name in ("", ".", "..") or len(name) > 255:
+        raise CheckpointError(f"{where}: {name[:80]!r} is not a file name inside the export directory")
+    return name
+
+
+def _plain_name(f: schema.Fields, key: str) -> str:
+    return plain_name(f.text(key, max_len=255), f"{f.where}: {key}")
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """manifest.json of an export, checked field by field (CheckpointError naming the field)."""
+    path = root / MANIFEST
+    try:
+        top = schema.Fields(schema.loads(path.read_bytes(), str(path), CheckpointError), str(path), CheckpointError)
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
+    if top.raw("format", None) != FORMAT:
+        raise CheckpointError(f"{root} is not a vl2edge ONNX export (format {top.raw('format', None)!r:.60})")
+    top.text("min_onnxruntime", max_len=32)
+    graphs = top.sub("graphs")
+    for name in graphs.obj:
+        g = graphs.sub(name)
+        _plain_name(g, "file")
+        for key in ("inputs", "outputs", *(("past", "present") if name == "decoder" else ())):
+            if not all(isinstance(v, str) for v in g.array(key)):
+                raise g.fail(key, "a list of names")
+    if "decoder" not in graphs.obj:
+        raise CheckpointError(f"{path}: graphs has no 'decoder'")
+    dec = graphs.sub("decoder")
+    cache = dec.sub("cache")
+    cache.integer("sequence_axis", lo=1, hi=2)
+    cache.boolean("shared_buffer", False)
+    shape = cache.array("shape", max_len=4)
+    if not all(isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 20)
+               for v in shape):
+        raise cache.fail("shape", "a list of axis names and sizes", shape)
+    if len(dec.obj["past"]) != len(dec.obj["present"]):
+        raise CheckpointError(f"{path}: the decoder's past and present lists differ in length")
+    top.text("default_vision", max_len=64)
+    tensors = top.sub("tensors")
+    for key in ("embed_tokens", "image_newline", "view_seperator"):
+        _plain_name(tensors, key)
+    sizes = top.sub("sizes", {})
+    for name in sizes.obj:
+        want = sizes.integer(name, lo=0)
+        try:
+            got = (root / plain_name(name, sizes.where)).stat().st_size
+        except OSError:
+            raise CheckpointError(f"{root}: {name} is missing (run `vl2edge verify {root}`)") from None
+        if got != want:
+            raise CheckpointError(f"{root}: {name} has {got:,} bytes but the manifest says {want:,} (a swapped or "
+                                  f"truncated file? run `vl2edge verify {root}`)")
+    return top.obj
 
 
 def verify_files(root) -> list[str]:
     """Files of an export whose sha256 differs from manifest.json's, or that are missing (empty: all good)."""
     root = Path(root)
+    path = root / MANIFEST
+    try:
+        files = schema.Fields(schema.loads(path.read_bytes(), str(path), CheckpointError), str(path),
+                              CheckpointError).sub("files")
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
     bad = []
-    for name, digest in json.loads((root / MANIFEST).read_text()).get("files", {}).items():
+    for name in files.obj:
+        digest = files.text(name, max_len=64)
         try:
-            ok = sha256(root / name) == digest
+            ok = sha256(root / plain_name(name, files.where)) == digest
         except OSError:
             ok = False
         if not ok:

@@ -1,90 +1,328 @@
 """Batch jobs: one prompt over files, folders and PDFs, results as JSON lines.
 
-Folders are walked (sorted, recursively) for images and PDFs; PDF pages are rendered with pypdfium2.
-Each result line carries the source, the page (PDFs), the answer, the grounding boxes and the
-timings; a file that cannot be read is reported on its own line with an `error` and the job goes on.
-Every line is written whole and flushed to disk before the next item starts, so a killed job loses at
-most the item in progress, and `resume` skips the (source, page) pairs the output already holds.
+Folders are walked (sorted, recursively, symlinked folders not followed) for images and PDFs; PDF
+pages are rendered with pypdfium2. Each result line carries the source as typed, `source_path` (the
+file's resolved absolute path), the page (PDFs), the answer, the grounding boxes and the timings.
+
+Bad input, and what it gets:
+- A file that cannot be read (any bad image, see `vl2edge.images`; a broken PDF or page) gets an
+  `error` line and the job goes on; an error line counts as done, so `--resume` does not retry it.
+- PDFs: at most `MAX_PDF_PAGES` pages each; at the first page that cannot be loaded (a page count
+  that lies) one error line stands for the rest; a page whose size in points × `PDF_SCALE` exceeds
+  `images.MAX_IMAGE_PIXELS` gets an error line before anything is rendered.
+- The output: every line is written whole and fsync'd before the next item starts; a write that fails
+  (full disk, file-size limit, read-only file system) is cut back to the last whole line and stops the
+  job with an `InputError` naming the file and the reason. The writer ignores SIGXFSZ (from the main
+  thread; `outputs.ignore_file_size_signal`), so a file-size limit raises EFBIG instead of killing us.
+  An `--out` that is a folder, not a regular file, under a file or not writable is refused up front.
+- Resume matches (source_path, page); old lines without `source_path` match their resolved `source`.
+  A last line that does not parse or lacks its newline is a torn write: it is cut off and its item
+  redone. Any other line that is not a result line is an error naming its number; nothing is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
-from collections.abc import Iterator
+import stat
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import InputError, VL2Error
+from .images import SUFFIXES, check_size, display_name, open_file
+from .outputs import ignore_file_size_signal, os_reason
+from .schema import check_text
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-PDF_SCALE = 2.0  # render PDF pages at 144 dpi
+PDF_SCALE = 2.0        # render PDF pages at 144 dpi
+MAX_PDF_PAGES = 5000   # pages read from one PDF; the rest get one error line
+RECORD_PREFIX = b'{"source": '  # how every result line starts (a torn tail must too, to be cut)
+PDF_MAGIC = b"%PDF-"
+MAX_PROMPT_FILE_BYTES = 2**20  # a prompt is at most a context (a few thousand tokens) long
+
+Key = tuple[str, int | None]  # (canonical source, page)
+Loader = Callable[[], object]
+
+
+def canonical(path) -> str:
+    """The resolved absolute path: the same file typed relatively or absolutely gives the same key."""
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):
+        return os.path.abspath(path)
 
 
 def expand(inputs: list[str]) -> list[Path]:
     """Files in command-line order; folders replaced by the images and PDFs they hold (sorted)."""
-    out = []
+    out: list[Path] = []
     for s in inputs:
-        p = Path(s)
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES | {".pdf"})
-        elif p.exists():
-            out.append(p)
-        else:
-            raise InputError(f"no such file or folder: {s}")
+        try:
+            mode = os.stat(s).st_mode
+        except FileNotFoundError:
+            raise InputError(f"no such file or folder: {display_name(s)}") from None
+        except (OSError, ValueError) as e:
+            reason = os_reason(e) if isinstance(e, OSError) else str(e)
+            raise InputError(f"cannot use input {display_name(s)}: {reason}") from None
+        out += _walk(s) if stat.S_ISDIR(mode) else [Path(s)]
     return out
 
 
-def items(path: Path) -> Iterator[tuple[int | None, object]]:
-    """(page, image) pairs of one file: page None for an image file, 1.. for PDF pages. Images may be
-    an exception instance, reported per item by the caller."""
-    if path.suffix.lower() != ".pdf":
-        yield None, path
+def _walk(folder: str) -> list[Path]:
+    """Images and PDFs under `folder`; a subfolder that cannot be listed is kept, to get an error line."""
+    found: list[Path] = []
+    unlisted: list[Path] = []
+    for root, _dirs, files in os.walk(folder, onerror=lambda e: unlisted.append(Path(e.filename))):
+        found += [Path(root, f) for f in files if os.path.splitext(f)[1].lower() in SUFFIXES | {".pdf"}]
+    return sorted(found + unlisted)
+
+
+def _returning(value) -> Loader:
+    return lambda: value
+
+
+def _failing(error: InputError) -> Loader:
+    def load():
+        raise error
+    return load
+
+
+def items(path: Path) -> Iterator[tuple[int | None, Loader]]:
+    """(page, load) pairs of one file: page None for an image, 1.. for PDF pages. `load()` returns what
+    the pipeline takes (a path or a rendered page) or raises the InputError to report for that item."""
+    if path.is_dir():  # a folder os.walk could not list
+        try:
+            os.listdir(path)
+        except OSError as e:
+            yield None, _failing(InputError(f"cannot list folder {display_name(path)}: {os_reason(e)}"))
         return
+    if not _is_pdf(path):
+        yield None, _returning(path)
+        return
+    yield from _pdf_pages(path)
+
+
+def _is_pdf(path: Path) -> bool:
+    """Named .pdf or starting like a PDF, whatever the name says; an unreadable file goes the image way,
+    which reports why it cannot be opened."""
+    if path.suffix.lower() == ".pdf":
+        return True
+    try:
+        with open_file(path, "file") as f:
+            return f.read(len(PDF_MAGIC)) == PDF_MAGIC
+    except (InputError, OSError):
+        return False
+
+
+def _pdf_pages(path: Path) -> Iterator[tuple[int | None, Loader]]:
     try:
         import pypdfium2 as pdfium
     except ImportError:
         raise InputError("PDF input needs pypdfium2: pip install 'vl2edge[pdf]'") from None
+    name = display_name(path)
     try:
-        pdf = pdfium.PdfDocument(str(path))
-    except Exception as e:
-        yield None, InputError(f"cannot read PDF {path}: {e}")
+        f = open_file(path, "PDF")
+    except InputError as e:
+        yield None, _failing(e)
         return
+    with f:
+        try:
+            pdf = pdfium.PdfDocument(f)
+        except Exception as e:
+            yield None, _failing(InputError(f"cannot read PDF {name}: {e}"))
+            return
+        try:
+            yield from _pages(pdf, name)
+        finally:
+            pdf.close()
+
+
+def _pages(pdf, name: str) -> Iterator[tuple[int | None, Loader]]:
     try:
-        for i in range(len(pdf)):
-            try:
-                yield i + 1, pdf[i].render(scale=PDF_SCALE).to_pil()
-            except Exception as e:
-                yield i + 1, InputError(f"cannot render page {i + 1} of {path}: {e}")
-    finally:
-        pdf.close()
+        n = len(pdf)
+    except Exception as e:
+        yield None, _failing(InputError(f"cannot read the pages of PDF {name}: {e}"))
+        return
+    if n <= 0:
+        yield None, _failing(InputError(f"PDF {name} has no pages"))
+    for i in range(min(n, MAX_PDF_PAGES)):
+        try:
+            page = pdf[i]
+        except Exception as e:  # e.g. a page tree whose /Count lies: stop, one line for the rest
+            rest = f"pages {i + 1}-{n}" if n > i + 1 else f"page {i + 1}"
+            yield i + 1, _failing(InputError(f"cannot load page {i + 1} of {name} ({e}); {rest} of the {n:,} "
+                                             "the file declares are skipped"))
+            return
+        try:
+            yield i + 1, functools.partial(_render, page, f"page {i + 1} of {name}")
+        finally:
+            page.close()
+    if n > MAX_PDF_PAGES:
+        yield MAX_PDF_PAGES + 1, _failing(InputError(
+            f"{name} has {n:,} pages; vl2edge reads at most {MAX_PDF_PAGES:,} pages of a PDF, so pages "
+            f"{MAX_PDF_PAGES + 1:,}-{n:,} are skipped"))
 
 
-def done_keys(out: Path) -> set[tuple[str, int | None]]:
-    keys = set()
-    if out.is_file():
-        for line in out.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-                keys.add((r["source"], r.get("page")))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a torn last line from a killed run: redone
-    return keys
+def _render(page, what: str):
+    """One PDF page as a PIL image; its size is checked against the pixel cap before rendering."""
+    try:
+        w, h = page.get_size()
+    except Exception as e:
+        raise InputError(f"cannot read the size of {what}: {e}") from None
+    check_size(w * PDF_SCALE, h * PDF_SCALE, f"{what} ({w:g}x{h:g} points at {72 * PDF_SCALE:g} dpi)")
+    try:
+        return page.render(scale=PDF_SCALE).to_pil()
+    except Exception as e:
+        raise InputError(f"cannot render {what}: {e}") from None
+
+
+def _record_key(r) -> Key | None:
+    """(canonical source, page) of a parsed result line, or None when it is not one."""
+    if not isinstance(r, dict) or not isinstance(r.get("source"), str):
+        return None
+    page, source_path = r.get("page"), r.get("source_path")
+    if not (page is None or (isinstance(page, int) and not isinstance(page, bool))):
+        return None
+    return (source_path if isinstance(source_path, str) else canonical(r["source"])), page
+
+
+def read_done(out: Path) -> tuple[set[Key], int]:
+    """The keys the results file holds and the length of its whole lines (a torn last line excluded).
+    Raises InputError, naming the line, for a line that is not a result line anywhere else."""
+    try:
+        data = out.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read {display_name(out)}: {os_reason(e)}") from None
+    *lines, tail = data.split(b"\n")
+    rows = [(raw, True) for raw in lines] + ([(tail, False)] if tail else [])
+    keys: set[Key] = set()
+    good = 0  # bytes of whole lines kept
+    for n, (raw, whole) in enumerate(rows, 1):
+        if not raw.strip():
+            good += len(raw) + whole
+            continue
+        try:
+            record, parsed = json.loads(raw.decode("utf-8")), True
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            record, parsed = None, False
+        key = _record_key(record)
+        if key is not None and whole:
+            keys.add(key)
+            good += len(raw) + 1
+            continue
+        looks_ours = raw.startswith(RECORD_PREFIX) or RECORD_PREFIX.startswith(raw)
+        if n == len(rows) and (not whole or not parsed) and looks_ours:
+            break  # a torn write (cut inside the line or before its newline): cut off, its item is redone
+        why = "not valid JSON" if not parsed else "not a vl2edge result line" if key is None else "missing its newline"
+        raise InputError(f"{display_name(out)}: line {n} is {why}; --resume stops rather than drop a line a "
+                         "batch job did not write (fix or delete it, then resume)")
+    return keys, good
+
+
+class ResultWriter:
+    """Appends result lines to the output file, each whole and fsync'd, or not at all."""
+
+    def __init__(self, path: Path):
+        self.name, self.lines = display_name(path), 0
+        ignore_file_size_signal()  # a write past RLIMIT_FSIZE then fails with EFBIG instead of killing us
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.size = os.fstat(self.fd).st_size
+        except OSError as e:
+            raise InputError(f"cannot write {self.name}: {os_reason(e)}") from None
+
+    def write(self, record: dict) -> None:
+        data = _encode(record)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self.fd, view)
+                if not written:
+                    raise OSError(28, os.strerror(28))  # ENOSPC
+                view = view[written:]
+            os.fsync(self.fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):  # drop the part-line: the file keeps whole lines only
+                os.ftruncate(self.fd, self.size)
+                os.fsync(self.fd)
+            raise InputError(f"cannot write {self.name}: {os_reason(e)}; the {self.lines} line(s) written in this "
+                             "run are intact: make room and run again with --resume") from None
+        self.size += len(data)
+        self.lines += 1
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> ResultWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _encode(record: dict) -> bytes:
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # a file name with undecodable bytes: \udcxx escapes, still valid JSON
+        return (json.dumps(record) + "\n").encode("ascii")
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    name = display_name(out)
+    try:
+        mode = os.stat(out).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise InputError(f"cannot write {name}: {os_reason(e)}") from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise InputError(f"--out {name} is a folder; give the results file, e.g. {name}/results.jsonl")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise InputError(f"--out {name} is not a regular file")
+    if mode is not None and not resume:
+        raise InputError(f"{name} exists; pass --resume to continue it or choose another output")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write {name}: cannot create its folder ({os_reason(e)})") from None
+
+
+def read_prompt_file(path) -> str:
+    """The prompt in a --prompt-file: a readable regular file of at most MAX_PROMPT_FILE_BYTES of UTF-8 text;
+    an InputError naming the file otherwise. (For `vl2edge batch --prompt-file`.)"""
+    name = display_name(path)
+    try:
+        with open_file(path, "file") as f:
+            data = f.read(MAX_PROMPT_FILE_BYTES + 1)
+    except InputError as e:
+        raise InputError(f"cannot read --prompt-file: {e}") from None
+    except OSError as e:
+        raise InputError(f"cannot read --prompt-file {name}: {os_reason(e)}") from None
+    if len(data) > MAX_PROMPT_FILE_BYTES:
+        raise InputError(f"--prompt-file {name} is over {MAX_PROMPT_FILE_BYTES:,} bytes: far beyond any context")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise InputError(f"--prompt-file {name} is not valid UTF-8 text (byte {e.start})") from None
 
 
 def run_batch(pipe, inputs: list[str], prompt: str, out, resume: bool = False, progress: bool = True,
               **gen_kw) -> dict:
     """Answer `prompt` about every image/page; returns counts {"done", "skipped", "failed"}."""
+    check_text(prompt, "the prompt", InputError)
     files = expand(inputs)
     out = Path(out)
-    if out.exists() and not resume:
-        raise InputError(f"{out} exists; pass --resume to continue it or choose another output")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    seen = done_keys(out) if resume else set()
-    if resume and out.is_file():  # drop a line torn by a killed run; its item is redone
-        data = out.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(out, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+    _check_out(out, resume)
+    seen: set[Key] = set()
+    if resume and out.exists():
+        seen, good = read_done(out)
+        if good < out.stat().st_size:
+            try:
+                os.truncate(out, good)
+            except OSError as e:
+                raise InputError(f"cannot cut the torn last line of {display_name(out)}: {os_reason(e)}") from None
+            print(f"[vl2edge] batch: cut a torn last line off {display_name(out)}; its item is redone", file=sys.stderr)
     counts = {"done": 0, "skipped": 0, "failed": 0}
     bar = None
     if progress:
@@ -92,27 +330,24 @@ def run_batch(pipe, inputs: list[str], prompt: str, out, resume: bool = False, p
 
         bar = tqdm(total=len(files), unit="file", desc="batch")
     content = prompt if "<image>" in prompt else "<image>\n" + prompt
-    with open(out, "a", encoding="utf-8") as f:
+    with ResultWriter(out) as writer:
         for path in files:
-            for page, image in items(path):
-                key = (str(path), page)
-                if key in seen:
+            source_path = canonical(path)
+            for page, load in items(path):
+                if (source_path, page) in seen:
                     counts["skipped"] += 1
                     continue
-                record: dict[str, object] = {"source": str(path), "page": page}
+                record: dict[str, object] = {"source": str(path), "source_path": source_path, "page": page}
                 try:
-                    if isinstance(image, Exception):
-                        raise image
-                    res = pipe.chat([{"role": "user", "content": content}], [image], **gen_kw)
+                    res = pipe.chat([{"role": "user", "content": content}], [load()], **gen_kw)
                     record |= {"answer": res.text, "boxes": [b.as_dict() for b in res.boxes],
                                "finish_reason": res.finish_reason, "timings": res.timings}
                     counts["done"] += 1
                 except VL2Error as e:
                     record["error"] = str(e)
                     counts["failed"] += 1
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                writer.write(record)
+                seen.add((source_path, page))
             if bar:
                 bar.update(1)
     if bar:

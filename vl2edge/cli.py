@@ -118,20 +118,39 @@ def run(a) -> None:
 
 
 def chat(a, stdin=None) -> None:
-    """A terminal conversation. /image PATH attaches a picture to the next message; /reset; /quit."""
+    """A terminal conversation. /image PATH attaches a picture to the next message; /reset; /quit.
+    Bad input (a line that is not UTF-8, a bad picture, an over-long prompt) prints one line; the session goes on."""
+    from .images import display_name, load_image
+    from .schema import check_text
+
     stdin = stdin or sys.stdin
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - line editing and history for input()
+    if hasattr(stdin, "reconfigure"):  # undecodable bytes become lone surrogates, refused line by line below,
+        stdin.reconfigure(errors="surrogateescape")  # instead of an exception that discards the buffered input
     pipe = _load(a)
     messages: list[dict[str, str]]
-    images: list[str]
-    messages, images, pending = [], [], list(a.image)
+    images: list[object]  # decoded when attached: a file that breaks later cannot break every turn after
+    messages, images, pending = [], [], []
+
+    def attach(path: str) -> None:
+        try:
+            pending.append(load_image(path))
+            print(f"(attached {display_name(path)})", file=sys.stderr)
+        except InputError as e:
+            print(f"vl2edge: {e}", file=sys.stderr)
+
+    for path in a.image:
+        attach(path)
     print("vl2edge chat — /image PATH to attach a picture, /reset to start over, /quit to leave", file=sys.stderr)
     while True:
         try:
             line = input("> ") if stdin is sys.stdin else stdin.readline()
         except EOFError:
             break
+        except UnicodeDecodeError:
+            print("vl2edge: that line is not valid UTF-8 text; type it again", file=sys.stderr)
+            continue
         if not line:
             break
         line = line.strip()
@@ -144,23 +163,16 @@ def chat(a, stdin=None) -> None:
             print("(conversation cleared)", file=sys.stderr)
             continue
         if line.startswith("/image"):
-            path = line[len("/image"):].strip()
-            try:
-                from .processor import load_image
-
-                load_image(path)
-                pending.append(path)
-                print(f"(attached {path})", file=sys.stderr)
-            except InputError as e:
-                print(f"vl2edge: {e}", file=sys.stderr)
+            attach(line[len("/image"):].strip())
             continue
         user = {"role": "user", "content": build_prompt(line, len(pending))}
         try:
+            check_text(line, "that message", InputError)
             gen = pipe.generation([*messages, user], images + pending, **_gen(a))
             for piece in gen:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        except InputError as e:
+        except VL2Error as e:
             print(f"vl2edge: {e}", file=sys.stderr)
             continue
         print()
@@ -169,16 +181,11 @@ def chat(a, stdin=None) -> None:
 
 
 def batch(a) -> None:
-    from .batch import run_batch
+    from .batch import read_prompt_file, run_batch
 
     if (a.prompt is None) == (a.prompt_file is None):
         raise InputError("give exactly one of --prompt and --prompt-file")
-    prompt = a.prompt
-    if a.prompt_file:
-        try:
-            prompt = open(a.prompt_file, encoding="utf-8").read().strip()
-        except OSError as e:
-            raise InputError(f"cannot read {a.prompt_file}: {e.strerror}") from None
+    prompt = a.prompt if a.prompt_file is None else read_prompt_file(a.prompt_file)
     pipe = _load(a)
     counts = run_batch(pipe, a.inputs, prompt, a.out, resume=a.resume, **_gen(a))
     print(f"[vl2edge] batch: {counts['done']} answered, {counts['failed']} failed, {counts['skipped']} already "
@@ -191,8 +198,11 @@ def serve(a) -> None:
         from .server import serve as run_server
     except ImportError:
         raise InputError("vl2edge serve needs the serve extra: pip install 'vl2edge[serve]'") from None
+    key = a.api_key if a.api_key is not None else os.environ.get("VL2EDGE_API_KEY")
+    if key is not None and not key.strip():
+        raise InputError("the API key is empty (--api-key \"\" or an empty VL2EDGE_API_KEY, an unset variable?); "
+                         "give a key, or leave both out to serve without one")
     pipe = _load(a)
-    key = a.api_key or os.environ.get("VL2EDGE_API_KEY")
     print(f"[vl2edge] serving {a.model} on http://{a.host}:{a.port}/v1 "
           f"({'API key required' if key else 'no API key'})", file=sys.stderr)
     run_server(pipe, host=a.host, port=a.port, name=a.served_name or os.path.basename(str(a.model).rstrip("/")),
@@ -203,9 +213,10 @@ def serve(a) -> None:
 def info(a) -> None:
     from pathlib import Path
 
-    from .config import PRESETS, VL2Config, preset
+    from .config import VL2Config
     from .info import report
     from .placement import parse_bytes
+    from .presets import PRESETS, preset
 
     if a.model in PRESETS:
         config = preset(a.model)
@@ -223,7 +234,7 @@ def quantize(a) -> None:
     from .weights import disk_size
 
     recipe = Recipe(a.recipe, a.block_size, a.algorithm, a.symmetric, a.vision_int8)
-    out = convert(a.src, a.dst, recipe)
+    out = convert(a.src, a.dst, recipe, overwrite=a.overwrite)
     print(f"wrote {out} ({recipe.label}, {disk_size(out) / 1e6:,.1f} MB)")
 
 
@@ -233,10 +244,45 @@ def export(a) -> None:
     except ImportError as e:
         raise InputError(f"vl2edge export needs the export extra ({e.name} is missing): "
                          "pip install 'vl2edge[export]'") from None
-    out = run_export(a.model, a.out, a.recipe, a.block_size, a.vision, a.accuracy_level)
+    out = run_export(a.model, a.out, a.recipe, a.block_size, a.vision, a.accuracy_level, overwrite=a.overwrite)
     m = json.loads((out / "manifest.json").read_text())
     print(f"wrote {out} ({a.recipe}, {m['export_seconds']} s); verification against torch: "
           + ", ".join(f"{k} rel-L2 {v['rel_l2']:.1e}" for k, v in m["verification"].items()))
+
+
+def verify(a) -> None:
+    """An export's files against its manifest's sha256; a checkpoint's tensors against its config."""
+    from pathlib import Path
+
+    from .artifact import is_onnx_dir, read_manifest, verify_files
+    from .errors import CheckpointError
+
+    root = Path(a.dir)
+    if is_onnx_dir(root):
+        m = read_manifest(root)
+        bad = verify_files(root)
+        if bad:
+            raise CheckpointError(f"{root}: {len(bad)} file(s) are missing or differ from manifest.json's sha256: "
+                                  f"{', '.join(bad[:8])}")
+        print(f"{root}: ONNX export, all {len(m.get('files', {}))} files match manifest.json")
+        return
+    from .config import VL2Config
+    from .quant.recipes import packed_tensor_shapes
+    from .quant.recipes import read_manifest as read_quantization
+    from .weights import Checkpoint
+
+    config = VL2Config.from_pretrained(root)
+    ck = Checkpoint.open(root)
+    stored = read_quantization(root)
+    shapes = config.tensor_shapes()
+    expected = packed_tensor_shapes(shapes, stored) if stored else {k: (None, s) for k, s in shapes.items()}
+    ck.check_keys(expected, "config.json")
+    ck.check_shapes({k: s for k, (_, s) in expected.items()})
+    ck.check_dtypes({k: dt for k, (dt, _) in expected.items()})
+    for name in ck.where:  # every byte readable: a file cut short after its header fails here
+        ck.numpy(name).sum()
+    print(f"{root}: {'quantized' if stored else 'float'} checkpoint, {len(ck.keys())} tensors in "
+          f"{len(ck.files)} file(s) match config.json")
 
 
 def _hub_config(repo: str):
@@ -302,12 +348,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
     model_args(s)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int_in(1, 65535), default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set VL2EDGE_API_KEY)")
     s.add_argument("--allowed-root", metavar="DIR", help="serve local image paths under DIR (default: none)")
     s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
-    s.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429")
-    s.add_argument("--max-tokens", type=int, default=2048, help="cap on a request's max_tokens")
+    s.add_argument("--max-queue", type=int_in(0, 1 << 16), default=16, help="requests that may wait; more get 429")
+    s.add_argument("--max-tokens", type=int_in(1, 1 << 20), default=2048, help="cap on a request's max_tokens")
     s.add_argument("--served-name", help="model id reported by /v1/models (default: the directory name)")
     s.set_defaults(func=serve)
 
@@ -315,7 +361,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--model", required=True, help="model directory, Hugging Face id or preset name")
     i.add_argument("--gpu-memory", metavar="SIZE")
     i.add_argument("--ram", metavar="SIZE")
-    i.add_argument("--context", type=int, default=None, help="KV cache positions to plan for (default: max)")
+    i.add_argument("--context", type=int_in(1, 1 << 20), default=None,
+                   help="KV cache positions to plan for (default: max)")
     i.set_defaults(func=info)
 
     from .quant.recipes import EXPORT_RECIPES, RECIPES
@@ -334,6 +381,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="no zero points, also for 4-bit")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="zero points, also for 8-bit")
     q.add_argument("--vision-int8", action="store_true", help="also quantize the vision tower's linears to 8-bit")
+    q.add_argument("--overwrite", action="store_true", help="replace DST if it already holds files")
     q.set_defaults(func=quantize)
 
     e = sub.add_parser("export", help="quantize a float checkpoint and export it to ONNX for the CPU backend "
@@ -347,19 +395,47 @@ def _parser() -> argparse.ArgumentParser:
                    help="vision graph variants to write (int8: int8 weights, dynamically quantized activations)")
     e.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
                    help="MatMulNBits/QMoE accuracy_level: 4 = int8 activations (fast on CPU), 0 = exact")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     e.set_defaults(func=export)
+
+    v = sub.add_parser("verify", help="check an ONNX export's files against its sha256s, or a checkpoint against "
+                                      "its config")
+    v.add_argument("dir", help="export or model directory")
+    v.set_defaults(func=verify)
     return ap
 
 
+def int_in(lo: int, hi: int):
+    """argparse type: an integer in [lo, hi] (argparse prints the usage and exits 2 otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not an integer") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is outside [{lo}, {hi}]")
+        return v
+
+    return parse
+
+
 def main(argv=None) -> None:
+    from .outputs import ignore_file_size_signal, os_reason
+
+    ignore_file_size_signal()
     a = _parser().parse_args(argv)
     try:
         a.func(a)
     except VL2Error as e:
         print(f"vl2edge: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except OSError as e:  # the environment (a full disk, permissions, a vanished file) rather than a bug
+        if isinstance(e, BrokenPipeError):
+            sys.stderr.close()
+            sys.exit(1)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"vl2edge: error: {os_reason(e)}{where}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
-    except BrokenPipeError:
-        sys.stderr.close()
-        sys.exit(1)

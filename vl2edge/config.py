@@ -4,19 +4,20 @@
 (`DeepseekV2Config` in `deepseek_vl2/models/configuration_deepseek.py`; `VisionEncoderConfig`,
 `MlpProjectorConfig` in `deepseek_vl2/models/modeling_deepseek_vl_v2.py`), and rejects values the
 runtime does not implement with a message that names the key. `tensor_shapes()` lists every tensor an
-official checkpoint of the config holds. Presets: the three released models and small `tiny()` models
-for tests and the demo.
+official checkpoint of the config holds. Every size has an upper bound far above the released models,
+checked before anything is sized from it. The presets are in `vl2edge.presets`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import schema
 from .errors import ConfigError
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -33,9 +34,31 @@ OFFICIAL_RESOLUTIONS = [
 ]
 
 
+# Upper bounds far above every released model, checked before anything is sized from a config: a
+# config with ten million layers must be an error, not gigabytes of allocations.
+MAX_DIM = 1 << 17        # widths, intermediate sizes
+MAX_COUNT = 1 << 12      # layers, heads, experts
+MAX_VOCAB = 1 << 22
+MAX_CONTEXT = 1 << 20
+MAX_IMAGE = 1 << 13      # pixels per side of a tile or a candidate resolution
+
+
 def _check(ok: bool, where: str, value, expected: str) -> None:
     if not ok:
         raise ConfigError(f"config {where} = {value!r} is not supported; expected {expected}")
+
+
+def _bounded(obj, section: str, bounds: dict[str, int]) -> None:
+    """Each named integer field in [1, bound]."""
+    for k, hi in bounds.items():
+        v = getattr(obj, k)
+        _check(0 < v <= hi, f"{section}.{k}", v, f"an integer in [1, {hi}]")
+
+
+def _positive_finite(obj, section: str, names: tuple[str, ...], hi: float = 1e12) -> None:
+    for k in names:
+        v = getattr(obj, k)
+        _check(math.isfinite(v) and 0 < v <= hi, f"{section}.{k}", v, f"a positive finite number <= {hi:g}")
 
 
 def _typed(cls, section: str, d: dict):
@@ -61,7 +84,8 @@ def _coerce(where: str, value, typ):
             return value
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                math.isfinite(value):
             return float(value)
         if base in (str, list, dict) and isinstance(value, base):
             return value
@@ -82,12 +106,12 @@ class VisionConfig:
     mlp_ratio: float = 4.0
 
     def __post_init__(self):
-        for k in ("image_size", "patch_size", "width", "layers", "heads"):
-            _check(getattr(self, k) > 0, f"vision_config.{k}", getattr(self, k), "a positive integer")
+        _bounded(self, "vision_config", {"image_size": MAX_IMAGE, "patch_size": MAX_IMAGE, "width": MAX_DIM,
+                                         "layers": MAX_COUNT, "heads": MAX_COUNT})
+        _positive_finite(self, "vision_config", ("mlp_ratio",), hi=64)
         _check(self.width % self.heads == 0, "vision_config.heads", self.heads, f"a divisor of width {self.width}")
         _check(self.patch_size <= self.image_size, "vision_config.patch_size", self.patch_size,
                f"at most image_size {self.image_size}")
-        _check(self.mlp_ratio > 0, "vision_config.mlp_ratio", self.mlp_ratio, "a positive number")
 
     @property
     def mlp_hidden(self) -> int:
@@ -115,8 +139,8 @@ class ProjectorConfig:
         _check(self.projector_type in PROJECTOR_TYPES, "projector_config.projector_type", self.projector_type,
                " or ".join(PROJECTOR_TYPES))
         _check(not self.token_pooling, "projector_config.token_pooling", self.token_pooling, "false")
-        for k in ("input_dim", "n_embed", "depth", "mlp_ratio", "downsample_ratio"):
-            _check(getattr(self, k) > 0, f"projector_config.{k}", getattr(self, k), "a positive integer")
+        _bounded(self, "projector_config", {"input_dim": MAX_DIM, "n_embed": MAX_DIM, "depth": 64, "mlp_ratio": 64,
+                                            "downsample_ratio": 16})
 
     @property
     def linear_shapes(self) -> list[tuple[int, int]]:
@@ -168,9 +192,14 @@ class LanguageConfig:
         lc = "language_config"
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
-        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "max_position_embeddings", "moe_layer_freq"):
-            _check(getattr(self, k) > 0, f"{lc}.{k}", getattr(self, k), "a positive integer")
+        _bounded(self, lc, {"vocab_size": MAX_VOCAB, "hidden_size": MAX_DIM, "intermediate_size": MAX_DIM,
+                            "num_hidden_layers": MAX_COUNT, "num_attention_heads": MAX_COUNT,
+                            "num_key_value_heads": MAX_COUNT, "max_position_embeddings": MAX_CONTEXT,
+                            "moe_layer_freq": MAX_COUNT, "moe_intermediate_size": MAX_DIM})
+        _positive_finite(self, lc, ("rope_theta", "routed_scaling_factor"))
+        _positive_finite(self, lc, ("rms_norm_eps",), hi=1.0)
+        _check(0 <= self.first_k_dense_replace <= self.num_hidden_layers, f"{lc}.first_k_dense_replace",
+               self.first_k_dense_replace, f"an integer in [0, num_hidden_layers ({self.num_hidden_layers})]")
         _check(self.topk_method in TOPK_METHODS, f"{lc}.topk_method", self.topk_method, " or ".join(TOPK_METHODS))
         _check(self.scoring_func in SCORING_FUNCS, f"{lc}.scoring_func", self.scoring_func,
                " or ".join(SCORING_FUNCS))
@@ -179,13 +208,12 @@ class LanguageConfig:
                "null (every released DeepSeek-VL2 uses plain RoPE)")
         _check(not self.tie_word_embeddings, f"{lc}.tie_word_embeddings", self.tie_word_embeddings, "false")
         if self.use_mla:
-            _check(self.kv_lora_rank is not None and self.kv_lora_rank > 0, f"{lc}.kv_lora_rank",
-                   self.kv_lora_rank, "a positive integer with MLA attention (use_mla true)")
-            for k in ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
-                _check(getattr(self, k) > 0, f"{lc}.{k}", getattr(self, k), "a positive integer with MLA attention")
+            _check(self.kv_lora_rank is not None and 0 < self.kv_lora_rank <= MAX_DIM, f"{lc}.kv_lora_rank",
+                   self.kv_lora_rank, f"an integer in [1, {MAX_DIM}] with MLA attention (use_mla true)")
+            _bounded(self, lc, {"qk_rope_head_dim": MAX_DIM, "qk_nope_head_dim": MAX_DIM, "v_head_dim": MAX_DIM})
             _check(self.qk_rope_head_dim % 2 == 0, f"{lc}.qk_rope_head_dim", self.qk_rope_head_dim, "an even number")
-            _check(self.q_lora_rank is None or self.q_lora_rank > 0, f"{lc}.q_lora_rank", self.q_lora_rank,
-                   "null or a positive integer")
+            _check(self.q_lora_rank is None or 0 < self.q_lora_rank <= MAX_DIM, f"{lc}.q_lora_rank",
+                   self.q_lora_rank, f"null or an integer in [1, {MAX_DIM}]")
         else:
             _check(self.hidden_size % self.num_attention_heads == 0, f"{lc}.num_attention_heads",
                    self.num_attention_heads, f"a divisor of hidden_size {self.hidden_size}")
@@ -194,12 +222,13 @@ class LanguageConfig:
             _check(self.num_attention_heads % self.num_key_value_heads == 0, f"{lc}.num_key_value_heads",
                    self.num_key_value_heads, f"a divisor of num_attention_heads {self.num_attention_heads}")
         if self.n_routed_experts is not None:
-            _check(self.n_routed_experts > 0, f"{lc}.n_routed_experts", self.n_routed_experts, "a positive integer")
+            _check(0 < self.n_routed_experts <= MAX_COUNT, f"{lc}.n_routed_experts", self.n_routed_experts,
+                   f"an integer in [1, {MAX_COUNT}]")
+            _check(self.n_shared_experts is None or 0 < self.n_shared_experts <= 64, f"{lc}.n_shared_experts",
+                   self.n_shared_experts, "null or an integer in [1, 64]")
             k = self.num_experts_per_tok
             _check(k is not None and 0 < k <= self.n_routed_experts, f"{lc}.num_experts_per_tok", k,
                    f"an integer in 1..n_routed_experts ({self.n_routed_experts})")
-            _check(self.moe_intermediate_size > 0, f"{lc}.moe_intermediate_size", self.moe_intermediate_size,
-                   "a positive integer")
             if self.topk_method != "greedy":
                 g, tg = self.n_group, self.topk_group
                 _check(g is not None and g > 0 and self.n_routed_experts % g == 0, f"{lc}.n_group", g,
@@ -241,9 +270,11 @@ class VL2Config:
         _check(self.global_view_pos in GLOBAL_VIEW_POS, "global_view_pos", self.global_view_pos,
                " or ".join(GLOBAL_VIEW_POS))
         res = self.candidate_resolutions
-        _check(isinstance(res, list) and len(res) > 0 and all(
-            isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(v, int) and v > 0 for v in r)
-            for r in res), "candidate_resolutions", res, "a non-empty list of [width, height] pairs")
+        _check(isinstance(res, list) and 0 < len(res) <= 256 and all(
+            isinstance(r, (list, tuple)) and len(r) == 2 and
+            all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_IMAGE for v in r)
+            for r in res), "candidate_resolutions", res,
+            f"a non-empty list (at most 256) of [width, height] pairs in [1, {MAX_IMAGE}]")
         v, p = self.vision_config, self.projector_config
         _check(p.input_dim == v.width, "projector_config.input_dim", p.input_dim, f"vision width {v.width}")
         _check(p.n_embed == self.language_config.hidden_size, "projector_config.n_embed", p.n_embed,
@@ -276,14 +307,14 @@ class VL2Config:
     def from_pretrained(cls, path) -> VL2Config:
         """Read `config.json` from a model directory (or the file itself)."""
         p = Path(path)
-        file = p / "config.json" if p.is_dir() else p
-        if not file.is_file():
-            raise ConfigError(f"no config.json at {file}: is {path} a DeepSeek-VL2 model directory?")
         try:
-            d = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{file} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+            file = p / "config.json" if p.is_dir() else p
+            found = file.is_file()
+        except OSError as e:  # a name too long, a path through a file
+            raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+        if not found:
+            raise ConfigError(f"no config.json at {file}: is {path} a DeepSeek-VL2 model directory?")
+        return cls.from_dict(schema.load_file(file))
 
     def to_dict(self) -> dict:
         """The official config.json shape (plus every field explicitly, so defaults never drift)."""
@@ -412,88 +443,3 @@ def _layer_shapes(lc: LanguageConfig, i: int, p: str) -> dict[str, tuple[int, ..
 
 def _mlp_shapes(p: str, D: int, inter: int) -> dict[str, tuple[int, int]]:
     return {p + "gate_proj.weight": (inter, D), p + "up_proj.weight": (inter, D), p + "down_proj.weight": (D, inter)}
-
-
-# -- presets ----------------------------------------------------------------------------------------------
-
-_SIGLIP_SO400M = {"layers": 27, "mlp_ratio": 3.7362, "model_name": "siglip_so400m_patch14_384",
-                  "patch_size": 14, "width": 1152}
-_COMMON_LM = {"bos_token_id": 0, "eos_token_id": 1, "first_k_dense_replace": 1, "max_position_embeddings": 4096,
-              "n_shared_experts": 2, "num_experts_per_tok": 6}
-
-# The released config.json files (the hub repos deepseek-ai/deepseek-vl2{-tiny,-small,}; Base is
-# verbatim; absent keys take the DeepseekV2Config defaults, e.g. Base's 30 layers and 32 heads).
-OFFICIAL = {
-    "deepseek-vl2-tiny": {
-        "language_config": {**_COMMON_LM, "vocab_size": 129280, "hidden_size": 1280, "intermediate_size": 6848,
-                            "moe_intermediate_size": 896, "num_hidden_layers": 12, "num_attention_heads": 10,
-                            "num_key_value_heads": 10, "n_routed_experts": 64, "topk_method": "greedy",
-                            "n_group": 1, "topk_group": 1, "use_mla": False, "q_lora_rank": None,
-                            "kv_lora_rank": None, "qk_nope_head_dim": 0, "qk_rope_head_dim": 0, "v_head_dim": 0},
-        "projector_config": {"n_embed": 1280},
-    },
-    "deepseek-vl2-small": {
-        "language_config": {**_COMMON_LM, "bos_token_id": 100000, "eos_token_id": 100001, "vocab_size": 102400,
-                            "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
-                            "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
-                            "n_routed_experts": 64, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
-                            "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128,
-                            "qk_rope_head_dim": 64, "v_head_dim": 128},
-        "projector_config": {"n_embed": 2048},
-    },
-    "deepseek-vl2": {
-        "language_config": {**_COMMON_LM, "vocab_size": 129280, "hidden_size": 2560, "intermediate_size": 12288,
-                            "moe_intermediate_size": 1536, "n_routed_experts": 72, "norm_topk_prob": True,
-                            "q_lora_rank": None, "routed_scaling_factor": 2.0, "scoring_func": "sigmoid",
-                            "topk_method": "noaux_tc", "n_group": 1, "topk_group": 1},
-        "projector_config": {"n_embed": 2560},
-    },
-}
-for _d in OFFICIAL.values():
-    _d.update({"candidate_resolutions": OFFICIAL_RESOLUTIONS, "global_view_pos": "head", "tile_tag": "2D",
-               "model_type": "deepseek_vl_v2", "torch_dtype": "bfloat16", "vision_config": dict(_SIGLIP_SO400M)})
-
-
-def tiny(attention: str = "mha", vocab_size: int = 512) -> VL2Config:
-    """A small random-weight-friendly config: 3 layers (1 dense + 2 MoE), shrunk vision tower.
-
-    attention: "mha" (like Tiny), "mla" (like Small) or "mla-noaux" (like Base: q-LoRA, sigmoid +
-    noaux_tc routing over 4 groups, norm_topk_prob, scaling 2.0).
-    """
-    lm = {"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 176, "moe_intermediate_size": 32,
-          "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 8,
-          "n_shared_experts": 2, "num_experts_per_tok": 3, "first_k_dense_replace": 1, "topk_method": "greedy",
-          "n_group": 1, "topk_group": 1, "max_position_embeddings": 4096, "bos_token_id": 0, "eos_token_id": 1}
-    if attention == "mha":
-        lm |= {"use_mla": False, "q_lora_rank": None, "kv_lora_rank": None, "qk_nope_head_dim": 0,
-               "qk_rope_head_dim": 0, "v_head_dim": 0}
-    elif attention == "mla":
-        lm |= {"use_mla": True, "q_lora_rank": None, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
-               "qk_rope_head_dim": 8, "v_head_dim": 16}
-    elif attention == "mla-noaux":
-        lm |= {"use_mla": True, "q_lora_rank": 24, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
-               "v_head_dim": 16, "n_routed_experts": 12, "num_experts_per_tok": 4, "topk_method": "noaux_tc",
-               "scoring_func": "sigmoid", "n_group": 4, "topk_group": 2, "norm_topk_prob": True,
-               "routed_scaling_factor": 2.0}
-    else:
-        raise ConfigError(f"tiny(attention={attention!r}): expected 'mha', 'mla' or 'mla-noaux'")
-    return VL2Config.from_dict({
-        "candidate_resolutions": OFFICIAL_RESOLUTIONS, "tile_tag": "2D", "global_view_pos": "head",
-        "torch_dtype": "float32", "language_config": lm,
-        "vision_config": {"layers": 2, "width": 64, "heads": 4, "mlp_ratio": 3.7362, "patch_size": 14,
-                          "model_name": "siglip_so400m_patch14_384"},
-        "projector_config": {"input_dim": 64, "n_embed": 64},
-    })
-
-
-TEST_PRESETS = {"test-mha": "mha", "test-mla": "mla", "test-mla-noaux": "mla-noaux"}
-PRESETS = (*OFFICIAL, *TEST_PRESETS)
-
-
-def preset(name: str) -> VL2Config:
-    """A named config: an official model (`deepseek-vl2-tiny|-small`, `deepseek-vl2`) or a test model."""
-    if name in OFFICIAL:
-        return VL2Config.from_dict(OFFICIAL[name])
-    if name in TEST_PRESETS:
-        return tiny(TEST_PRESETS[name])
-    raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")

@@ -19,11 +19,15 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve(path_or_id, revision: str | None = None) -> Path:
-    p = Path(path_or_id).expanduser()
-    if p.is_dir():
-        return p
     s = str(path_or_id)
-    if p.exists():
+    try:
+        p = Path(path_or_id).expanduser()
+        if p.is_dir():
+            return p
+        exists = p.exists()
+    except (OSError, RuntimeError, ValueError) as e:  # a name too long, a NUL byte, an unknown ~user
+        raise CheckpointError(f"cannot use {s[:120]!r} as a model: {getattr(e, 'strerror', None) or e}") from None
+    if exists:
         raise CheckpointError(f"{s} is a file; --model wants a model directory or a Hugging Face id")
     if not _REPO_ID.match(s) or s.startswith((".", "/", "~")):
         raise CheckpointError(f"no such model directory: {s} (a Hugging Face id looks like {KNOWN[0]})")

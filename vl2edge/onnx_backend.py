@@ -9,13 +9,12 @@ threads default to the number of physical cores. See export/build.py for the dir
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .artifact import FORMAT, MANIFEST, verify_files
+from .artifact import read_manifest, verify_files
 from .config import VL2Config
 from .errors import CheckpointError, InputError
 from .layout import gather_rows, image_layout
@@ -63,13 +62,7 @@ class OnnxModel:
         import onnxruntime as ort
 
         self.root = Path(root)
-        try:
-            self.manifest = json.loads((self.root / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{self.root / MANIFEST} cannot be read: {e}") from None
-        m = self.manifest
-        if m.get("format") != FORMAT:
-            raise CheckpointError(f"{self.root} is not a vl2edge ONNX export (format {m.get('format')!r})")
+        self.manifest = m = read_manifest(self.root)
         if _version(ort.__version__) < _version(m["min_onnxruntime"]):
             raise InputError(f"{self.root} needs onnxruntime >= {m['min_onnxruntime']} (installed: {ort.__version__}); "
                              f"pip install -U onnxruntime")

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .config import VL2Config
 from .errors import InputError
 from .generate import DEFAULT_CHUNK, Backend, generate
 from .grounding import parse as parse_grounding
 from .placement import Plan
-from .processor import Processor
+from .processor import Processor, check_compatible
 from .sampling import SamplingParams
 
 
@@ -64,10 +65,10 @@ class Generation:
     def __init__(self, pipe: Pipeline, messages, images, max_new_tokens, temperature, top_p,
                  repetition_penalty, seed, chunk_size, stop=None, inputs=None):
         self.pipe, self.result, self.inputs = pipe, None, inputs
-        stop = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        if not all(isinstance(s, str) for s in stop):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) for s in stops):
             raise InputError("stop must be a string or a list of strings")
-        self.stop = stop
+        self.stop = [s for s in stops if s]  # an empty stop string would end every answer before it starts
         self._args = (messages, images, max_new_tokens, SamplingParams(temperature, top_p, repetition_penalty),
                       seed, chunk_size)
 
@@ -170,10 +171,16 @@ def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | Non
         if quant is not None:
             raise InputError(f"{path} is an ONNX export; its recipe was fixed when it was exported")
         backend = OnnxModel(path, device=device, threads=threads)
-        return Pipeline(Processor.from_pretrained(path), backend,
+        return Pipeline(_processor(path, backend.config), backend,
                         backend.config.language_config.max_position_embeddings)
     from .models.loading import load_model
 
+    processor = _processor(path, VL2Config.from_pretrained(path))  # config errors before the weights load
     model, plan = load_model(path, dtype=dtype, device=device, quant=quant, gpu_memory=gpu_memory)
-    return Pipeline(Processor.from_pretrained(path), model, model.config.language_config.max_position_embeddings,
-                    plan)
+    return Pipeline(processor, model, model.config.language_config.max_position_embeddings, plan)
+
+
+def _processor(path, config: VL2Config) -> Processor:
+    processor = Processor.from_pretrained(path)
+    check_compatible(processor, config, str(path))
+    return processor

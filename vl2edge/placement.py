@@ -8,6 +8,7 @@ MoE layer as fit. `parse_bytes` reads the sizes users type ("6GiB").
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .config import VL2Config
@@ -42,20 +43,23 @@ class Plan:
 
 
 def parse_bytes(text) -> int:
-    """'6GiB', '6 GB', '512MiB', 6e9 -> bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    s = str(text).strip().replace(" ", "")
+    """'6GiB', '6 GB', '512MiB', 6e9 -> bytes: a positive, finite size of at most 1 EiB."""
     units = {"tib": 2**40, "gib": 2**30, "mib": 2**20, "kib": 2**10, "tb": 10**12, "gb": 10**9, "mb": 10**6,
              "kb": 10**3, "t": 2**40, "g": 2**30, "m": 2**20, "k": 2**10, "b": 1, "": 1}
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-    unit = s[len(num):].lower()
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1
-    if unit not in units or value < 0:
-        raise InputError(f"cannot read the memory size {text!r}; write e.g. 6GiB, 1536MiB or 8GB")
+    value, unit = -1.0, "?"
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    elif isinstance(text, str) and len(text) <= 64:
+        s = text.strip().replace(" ", "")
+        num = s.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+        unit = s[len(num):].lower()
+        try:
+            value = float(num)
+        except ValueError:
+            value = -1.0
+    if unit not in units or not math.isfinite(value) or value <= 0 or value * units[unit] > 2**60:
+        raise InputError(f"cannot read the memory size {str(text)[:64]!r}; write a positive size such as 6GiB, "
+                         "1536MiB or 8GB")
     return int(value * units[unit])
 
 

@@ -10,16 +10,17 @@ images_seq_mask bool [1,T], images_spatial_crop int64 [1,N,2] ([w_tiles, h_tiles
 
 from __future__ import annotations
 
-import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
+from . import schema
+from .config import MAX_IMAGE, VL2Config
 from .errors import ConfigError, InputError
+from .images import load_image
 
 USER, ASSISTANT, SYSTEM = "<|User|>", "<|Assistant|>", "system"
 ROLES = {"<|User|>": USER, "user": USER, "<|Assistant|>": ASSISTANT, "assistant": ASSISTANT,
@@ -41,23 +42,32 @@ class ProcessorConfig:
     pad_token: str = "<｜▁pad▁｜>"
 
     @classmethod
-    def from_dict(cls, d: dict) -> ProcessorConfig:
-        try:
-            c = cls(candidate_resolutions=tuple((int(w), int(h)) for w, h in d["candidate_resolutions"]),
-                    patch_size=int(d.get("patch_size", 14)), downsample_ratio=int(d.get("downsample_ratio", 2)),
-                    image_mean=tuple(float(v) for v in d.get("image_mean", (0.5,) * 3)),
-                    image_std=tuple(float(v) for v in d.get("image_std", (0.5,) * 3)),
-                    normalize=bool(d.get("normalize", True)), image_token=str(d.get("image_token", "<image>")),
-                    pad_token=str(d.get("pad_token", cls.pad_token)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"processor_config.json is malformed ({type(e).__name__}: {e}); it needs "
-                              "candidate_resolutions as [[width, height], ...]") from None
-        if not c.candidate_resolutions or len(c.image_mean) != 3 or len(c.image_std) != 3:
-            raise ConfigError("processor_config.json: candidate_resolutions must be non-empty and "
-                              "image_mean/image_std must have 3 values")
-        if c.patch_size <= 0 or c.downsample_ratio <= 0 or any(s == 0 for s in c.image_std):
-            raise ConfigError("processor_config.json: patch_size, downsample_ratio and image_std must be positive")
-        return c
+    def from_dict(cls, d, where: str = "processor_config.json") -> ProcessorConfig:
+        f = schema.Fields(d, where)
+        res = f.array("candidate_resolutions", max_len=256)
+        pairs = tuple(tuple(schema.as_int(v, f"{where}: candidate_resolutions[{i}]", 1, MAX_IMAGE)
+                            for v in (r if isinstance(r, list) and len(r) == 2 else [None, None]))
+                      for i, r in enumerate(res))
+        if not pairs:
+            raise ConfigError(f"{where}: candidate_resolutions must be a non-empty list of [width, height]")
+        S = pairs[0][0]
+        if any(w % S or h % S for w, h in pairs):
+            raise ConfigError(f"{where}: every candidate resolution must be a multiple of the tile size {S} "
+                              f"(the first entry's width), got {[list(p) for p in pairs]}")
+
+        def triple(key: str, positive: bool) -> tuple[float, float, float]:
+            vals = f.array(key, (0.5, 0.5, 0.5), max_len=3)
+            if len(vals) != 3:
+                raise f.fail(key, "3 numbers (R, G, B)", vals)
+            t = schema.Fields(dict(zip("rgb", vals)), f"{where}: {key}")
+            return (t.number("r", lo=-10.0, hi=10.0, positive=positive), t.number("g", lo=-10.0, hi=10.0,
+                    positive=positive), t.number("b", lo=-10.0, hi=10.0, positive=positive))
+
+        return cls(candidate_resolutions=pairs, patch_size=f.integer("patch_size", 14, 1, S),
+                   downsample_ratio=f.integer("downsample_ratio", 2, 1, 16), image_mean=triple("image_mean", False),
+                   image_std=triple("image_std", True), normalize=f.boolean("normalize", True),
+                   image_token=_token_text(f, "image_token", "<image>"),
+                   pad_token=_token_text(f, "pad_token", cls.pad_token))
 
     @property
     def image_size(self) -> int:
@@ -97,34 +107,27 @@ def select_best_resolution(size: tuple[int, int], candidates) -> tuple[int, int]
     return best
 
 
-def load_image(src) -> Image.Image:
-    """A PIL image (converted to RGB) from a PIL image, a path, or the file's bytes; clear errors."""
-    name = "image bytes" if isinstance(src, (bytes, bytearray)) else str(src)
-    try:
-        if isinstance(src, Image.Image):
-            img = src
-        elif isinstance(src, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(src))
-        elif isinstance(src, (str, Path)):
-            img = Image.open(src)
-        else:
-            raise InputError(f"an image must be a PIL image, a file path or bytes, not {type(src).__name__}")
-        img.load()
-        if img.width == 0 or img.height == 0:
-            raise InputError(f"{name} has zero size ({img.width}x{img.height})")
-        return img.convert("RGB")
-    except FileNotFoundError:
-        raise InputError(f"image not found: {name}") from None
-    except IsADirectoryError:
-        raise InputError(f"image path is a directory: {name}") from None
-    except Image.DecompressionBombError as e:
-        raise InputError(f"{name} is too large to decode safely ({e})") from None
-    except UnidentifiedImageError:
-        raise InputError(f"cannot read {name}: not an image format Pillow can decode") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, InputError):
-            raise
-        raise InputError(f"cannot read {name}: {e}") from None
+def _token_text(f: schema.Fields, key: str, default: str) -> str:
+    t = f.text(key, default, max_len=64)
+    if not t.strip():
+        raise f.fail(key, "a non-empty token string", t)
+    return t
+
+
+def check_compatible(processor: Processor, model: VL2Config, where: str) -> None:
+    """processor_config.json must tile images the way the model's vision tower and projector expect, and
+    every token id the tokenizer can produce (added tokens included) must have a row in the embeddings."""
+    config, v, p = processor.config, model.vision_config, model.projector_config
+    n = processor.tokenizer.get_vocab_size(with_added_tokens=True)
+    if n > model.language_config.vocab_size:
+        raise ConfigError(f"{where}/tokenizer.json: the tokenizer has {n} tokens (the image, grounding and role "
+                          f"tokens included) but config.json's vocab_size is {model.language_config.vocab_size}")
+    for name, got, want in (("the tile size (first candidate resolution's width)", config.image_size, v.image_size),
+                            ("patch_size", config.patch_size, v.patch_size),
+                            ("downsample_ratio", config.downsample_ratio, p.downsample_ratio)):
+        if got != want:
+            raise ConfigError(f"{where}/processor_config.json: {name} is {got} but config.json's model expects "
+                              f"{want}")
 
 
 def _token_id(tok, d: dict, key: str):
@@ -147,16 +150,17 @@ class Processor:
         from tokenizers import AddedToken, Tokenizer
 
         root = Path(path)
+        try:
+            found = root.is_dir() and all((root / f).is_file() for f in ("tokenizer.json", "processor_config.json"))
+        except OSError as e:  # a name too long, a path through a file
+            raise ConfigError(f"cannot read {root}: {e.strerror or e}") from None
         if not root.is_dir():
             raise ConfigError(f"no such model directory: {root}")
-        for f in ("tokenizer.json", "processor_config.json"):
-            if not (root / f).is_file():
-                raise ConfigError(f"{root} has no {f}: a DeepSeek-VL2 model directory holds tokenizer.json, "
-                                  "tokenizer_config.json and processor_config.json")
-        try:
-            config = ProcessorConfig.from_dict(json.loads((root / "processor_config.json").read_text("utf-8")))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{root / 'processor_config.json'} is not valid JSON: {e}") from None
+        if not found:
+            raise ConfigError(f"{root} lacks tokenizer.json or processor_config.json: a DeepSeek-VL2 model "
+                              "directory holds tokenizer.json, tokenizer_config.json and processor_config.json")
+        config = ProcessorConfig.from_dict(schema.load_file(root / "processor_config.json"),
+                                           str(root / "processor_config.json"))
         try:
             tok = Tokenizer.from_file(str(root / "tokenizer.json"))
         except Exception as e:
@@ -164,10 +168,7 @@ class Processor:
         names: dict[str, object] = {}
         for f in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
             if (root / f).is_file():
-                try:
-                    names |= json.loads((root / f).read_text("utf-8"))
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise ConfigError(f"{root / f} is not valid JSON: {e}") from None
+                names |= schema.Fields(schema.load_file(root / f), str(root / f)).obj
         # The reference registers these (they already exist in the released vocabularies, so ids stay put).
         pad_id = _token_id(tok, names, "pad_token")
         extra = ([] if pad_id is not None else [config.pad_token]) + [config.image_token, *GROUNDING_TOKENS,
@@ -179,6 +180,9 @@ class Processor:
         if bos_id is None or eos_id is None:
             raise ConfigError(f"{root}: tokenizer_config.json must name bos_token and eos_token found in "
                               "tokenizer.json")
+        if tok.token_to_id(config.image_token) is None or len(tok.encode(config.image_token,
+                                                                         add_special_tokens=False).ids) != 1:
+            raise ConfigError(f"{root}: the image token {config.image_token!r} does not encode as one token")
         return cls(tok, config, bos_id, eos_id, pad_id)
 
     # -- text -----------------------------------------------------------------------------------------
@@ -307,4 +311,5 @@ def _check_messages(conversation) -> list[dict]:
             raise InputError(f"unknown role {m['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise InputError(f"message content must be a string, got {type(m['content']).__name__}")
+        schema.check_text(m["content"], "a message", InputError)
     return list(conversation)

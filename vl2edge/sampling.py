@@ -6,6 +6,7 @@ greedy), then temperature, then top-p (nucleus, keeping at least one token). tem
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,12 +21,16 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        if not (self.temperature >= 0):
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise InputError(f"{name} must be a finite number, got {v!r}")
+        if not (0 <= self.temperature <= 100):
+            raise InputError(f"temperature must be >= 0 (and at most 100), got {self.temperature}")
         if not (0 < self.top_p <= 1):
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (self.repetition_penalty > 0):
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (0 < self.repetition_penalty <= 100):
+            raise InputError(f"repetition_penalty must be > 0 (and at most 100), got {self.repetition_penalty}")
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: list[np.ndarray], penalty: float) -> np.ndarray:

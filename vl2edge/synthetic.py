@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import PRESETS, VL2Config, preset
+from .config import VL2Config
+from .presets import PRESETS, preset
 from .weights import STORAGE, f32_to_bf16, write_checkpoint
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from . import schema
 from .errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -29,6 +30,8 @@ SIDE_FILES = ("config.json", "processor_config.json", "tokenizer.json", "tokeniz
               "special_tokens_map.json", "generation_config.json")
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER = 100 * 2**20
+MAX_DIMS = 8  # tensor rank
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 # safetensors dtype -> numpy storage dtype (bf16 and fp8 are stored as raw integers)
 STORAGE = {
@@ -67,33 +70,44 @@ class SafetensorsFile:
                 if n > min(MAX_HEADER, size - 8):
                     raise CheckpointError(f"{self.path} is corrupt or truncated: header length {n} does not fit "
                                           f"in a {size}-byte file")
-                header = json.loads(f.read(n).decode("utf-8"))
+                raw_header = f.read(n)
         except OSError as err:
             raise CheckpointError(f"cannot read {self.path}: {err.strerror or err}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{self.path} is corrupt: its header is not valid JSON") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path} is corrupt: its header is not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
+        try:
+            header = schema.Fields(schema.loads(raw_header, f"{self.path}: the header", CheckpointError),
+                                   f"{self.path}: the header", CheckpointError)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err} (a corrupt or truncated file?)") from None
+        meta = header.obj.pop("__metadata__", None) or {}
+        self.metadata = meta if isinstance(meta, dict) else {}
         self.data_start = 8 + n
         avail = size - self.data_start
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for name, e in header.items():
-            try:
-                dtype, shape, (begin, end) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path} is corrupt: bad header entry for {name!r}") from None
-            if dtype not in STORAGE:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype!r}")
-            nbytes = math.prod(shape) * np.dtype(STORAGE[dtype]).itemsize
-            if not (0 <= begin <= end and end - begin == nbytes):
-                raise CheckpointError(f"{self.path} is corrupt: tensor {name!r} has {end - begin} bytes for shape "
-                                      f"{list(shape)} {dtype}")
-            if end > avail:
-                raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends at byte {self.data_start + end}"
-                                      f" but the file has {size} bytes (an interrupted download?)")
-            self.entries[name] = (dtype, shape, begin, end)
+        for name in header.obj:
+            self.entries[name] = self._entry_of(header.sub(name), name, avail, size)
         self._mm = self._buf = None
+
+    def _entry_of(self, e: schema.Fields, name: str, avail: int, size: int) -> tuple[str, tuple[int, ...], int, int]:
+        """One header entry, checked: a known dtype, a shape of non-negative integers, offsets that hold
+        exactly the tensor's bytes inside the file."""
+        dtype = e.text("dtype", max_len=16)
+        if dtype not in STORAGE:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        shape = tuple(schema.as_int(d, f"{e.where}: shape[{i}]", 0, 2**48, CheckpointError)
+                      for i, d in enumerate(e.array("shape", max_len=MAX_DIMS)))
+        offsets = e.array("data_offsets", max_len=2)
+        if len(offsets) != 2:
+            raise e.fail("data_offsets", "[begin, end]", offsets)
+        begin, end = (schema.as_int(o, f"{e.where}: data_offsets", 0, 2**62, CheckpointError) for o in offsets)
+        nbytes = math.prod(shape) * np.dtype(STORAGE[dtype]).itemsize
+        if not (begin <= end and end - begin == nbytes):
+            raise CheckpointError(f"{self.path} is corrupt: tensor {name!r} has {end - begin} bytes for shape "
+                                  f"{list(shape)} {dtype}")
+        if end > avail:
+            raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends at byte {self.data_start + end}"
+                                  f" but the file has {size} bytes (an interrupted download?)")
+        return dtype, shape, begin, end
+
 
     def raw(self, name: str) -> np.ndarray:
         """The stored tensor as a numpy view of the file (bf16/fp8 as raw unsigned integers)."""
@@ -120,6 +134,24 @@ class SafetensorsFile:
             self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    """`weight_map` of a shard index: tensor name -> shard file, a plain file name inside the model
+    directory (no paths, no `..`: an index must not point outside its directory)."""
+    top = schema.load_file(index)
+    if not isinstance(top, dict) or not isinstance(top.get("weight_map"), dict):
+        raise CheckpointError(f"{index} is corrupt: expected a JSON object with a 'weight_map' object "
+                              "(tensor name -> shard file)")
+    wm = schema.Fields(top["weight_map"], f"{index}: weight_map", CheckpointError)
+    out = {}
+    for name in wm.obj:
+        shard = wm.text(name, max_len=255)
+        if "/" in shard or "\\" in shard or shard in ("", ".", "..") or not shard.endswith(".safetensors"):
+            raise CheckpointError(f"{index}: weight_map[{name!r}] = {shard!r} is not a .safetensors file name in "
+                                  "the model directory (an index may not point outside it)")
+        out[name] = shard
+    return out
+
+
 class Checkpoint:
     """All weights of a model directory, read lazily. `numpy(name)` / `torch(name)` return one tensor."""
 
@@ -136,11 +168,7 @@ class Checkpoint:
             raise CheckpointError(f"no such model directory: {root}")
         index = root / INDEX_NAME
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-                raise CheckpointError(f"{index} is corrupt: expected a JSON object with a 'weight_map'") from None
+            weight_map = _weight_map(index)
             missing = sorted({s for s in weight_map.values() if not (root / s).is_file()})
             if missing:
                 raise CheckpointError(f"{root}: shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing)}")
@@ -233,6 +261,14 @@ class Checkpoint:
         if extra:
             parts.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:5])})")
         raise CheckpointError(f"{self.root}: the checkpoint does not match {what}: {'; '.join(parts)}")
+
+    def check_dtypes(self, expected: dict[str, str | None]) -> None:
+        """Each tensor's stored dtype: the named one (packed tensors: U8 / F32), or any float dtype for None.
+        A float tensor relabelled I32 (or packed bytes relabelled F32) is refused instead of answering noise."""
+        bad = [f"{k}: {self.dtype(k)} (expected {want or 'a float dtype'})" for k, want in expected.items()
+               if k in self.where and (self.dtype(k) != want if want else self.dtype(k) not in FLOAT_DTYPES)]
+        if bad:
+            raise CheckpointError(f"{self.root}: {len(bad)} tensor(s) have the wrong dtype: " + "; ".join(bad[:5]))
 
     def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
         bad = [f"{k}: file {list(self.shape(k))} vs config {list(v)}" for k, v in expected.items()

@@ -109,6 +109,7 @@ def load_model(path, dtype="auto", device="auto", quant: str | Recipe | None = N
     expected = packed_tensor_shapes(shapes, stored) if stored else {k: (None, s) for k, s in shapes.items()}
     ck.check_keys(expected, "config.json" + (f" and {MANIFEST}" if stored else ""))
     ck.check_shapes({k: s for k, (_, s) in expected.items()})
+    ck.check_dtypes({k: dt for k, (dt, _) in expected.items()})
 
     with torch.device("meta"):
         model = VL2Model(config)
