@@ -1,5 +1,13 @@
+"""Shared fixtures. The tests pin the PyTorch backend for float checkpoints (VL2EDGE_BACKEND=torch; subprocesses
+inherit it): what they check is the model, not the CPU default's ONNX cache, which test_export_cache.py tests
+with its own cache directory."""
+
+import os
+
 import pytest
 import torch
+
+os.environ.setdefault("VL2EDGE_BACKEND", "torch")
 
 from vl2edge.models.experts import DenseExperts
 

@@ -40,7 +40,7 @@ def build_prompt(prompt: str, n_images: int) -> str:
 def _load(a):
     from .pipeline import load
 
-    pipe = load(a.model, device=a.device, dtype=a.dtype, gpu_memory=a.gpu_memory, quant=a.quant)
+    pipe = load(a.model, device=a.device, dtype=a.dtype, gpu_memory=a.gpu_memory, quant=a.quant, backend=a.backend)
     if pipe.plan is not None and not getattr(a, "json", False):
         print(pipe.plan, file=sys.stderr)
     return pipe
@@ -305,6 +305,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="model directory (checkpoint, quantized or ONNX export) "
                                                       "or Hugging Face id, e.g. deepseek-ai/deepseek-vl2-tiny")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--backend", default=None, choices=["auto", "torch", "onnx"],
+                       help="auto (default, or $VL2EDGE_BACKEND): a float checkpoint on a machine without a CUDA GPU "
+                            "runs through an int4-experts ONNX export built once into a cache; torch: the PyTorch "
+                            "model; onnx: the cached export on any machine")
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
         p.add_argument("--quant", choices=["int4-experts", "int8", "int4"], default=None,
                        help="quantize a float checkpoint while loading (PyTorch backend)")

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from .generate import DEFAULT_CHUNK, Backend, generate
 from .grounding import parse as parse_grounding
 from .placement import Plan
 from .processor import Processor, check_compatible
+from .quant.recipes import MANIFEST
 from .sampling import SamplingParams
 
 
@@ -151,33 +153,76 @@ class Pipeline:
         return g.result
 
 
+BACKENDS = ("auto", "torch", "onnx")
+
+
 def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | None = None,
-         threads: int | None = None, gpu_memory=None) -> Pipeline:
+         threads: int | None = None, gpu_memory=None, backend: str | None = None) -> Pipeline:
     """A ready pipeline for a model directory or Hugging Face id.
 
     An ONNX export (`vl2edge export`, has manifest.json) runs on ONNX Runtime without torch (`threads`
-    defaults to the physical cores); anything else on the PyTorch backend. A quantized directory
-    (`vl2edge quantize`) loads as such; `quant="int4-experts"` (or `int8`, `int4`) quantizes a float
+    defaults to the physical cores). A float checkpoint on a machine without a CUDA GPU runs, by default
+    (`backend="auto"`), through an int4-experts ONNX export built once into a cache
+    (vl2edge/export_cache.py); `backend="torch"` (or `VL2EDGE_BACKEND=torch`) runs the PyTorch model
+    instead, and so does asking for what only it does: `quant=`, `gpu_memory=`, a `dtype`.
+    `backend="onnx"` uses the cached export on any machine. A quantized directory (`vl2edge quantize`)
+    loads as such on the PyTorch backend; `quant="int4-experts"` (or `int8`, `int4`) quantizes a float
     checkpoint while loading, without writing files. `gpu_memory` ("6GiB") plans the device placement
     and offloads the routed experts that do not fit (see `vl2edge.models.loading.load_model`).
     """
     from .artifact import is_onnx_dir
     from .hub import resolve
 
+    backend = backend or os.environ.get("VL2EDGE_BACKEND") or "auto"
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     path = resolve(path_or_id)
     if is_onnx_dir(path):
-        from .onnx_backend import OnnxModel
+        if quant is not None or backend == "torch":
+            raise InputError(f"{path} is an ONNX export (its recipe was fixed when it was exported); "
+                             "--quant and --backend torch need a checkpoint")
+        return _onnx_pipeline(path, device, threads)
+    config = VL2Config.from_pretrained(path)  # config errors before anything heavy
+    if backend == "onnx" or (backend == "auto" and _cpu_only(device) and quant is None and gpu_memory is None
+                             and dtype in (None, "auto") and not (path / MANIFEST).is_file()):
+        if quant is not None or gpu_memory is not None:
+            raise InputError("--backend onnx runs the cached int4-experts export: --quant and --gpu-memory are "
+                             "options of the PyTorch backend")
+        from .export_cache import cached_export
 
-        if quant is not None:
-            raise InputError(f"{path} is an ONNX export; its recipe was fixed when it was exported")
-        backend = OnnxModel(path, device=device, threads=threads)
-        return Pipeline(_processor(path, backend.config), backend,
-                        backend.config.language_config.max_position_embeddings)
-    from .models.loading import load_model
-
-    processor = _processor(path, VL2Config.from_pretrained(path))  # config errors before the weights load
+        try:
+            entry = cached_export(path)
+        except ImportError as e:
+            raise InputError(f"running a float checkpoint needs the PyTorch extras ({e.name} is missing): "
+                             "pip install 'vl2edge[export]', or run an ONNX export directory") from None
+        return _onnx_pipeline(entry, device, threads)
+    try:
+        from .models.loading import load_model
+    except ImportError as e:
+        raise InputError(f"the PyTorch backend needs torch ({e.name} is missing): pip install 'vl2edge[torch]'") \
+            from None
+    processor = _processor(path, config)
     model, plan = load_model(path, dtype=dtype, device=device, quant=quant, gpu_memory=gpu_memory)
     return Pipeline(processor, model, model.config.language_config.max_position_embeddings, plan)
+
+
+def _cpu_only(device: str) -> bool:
+    if device == "cpu":
+        return True
+    if device not in (None, "auto"):
+        return False
+    try:
+        import torch
+    except ImportError:
+        return True
+    return not torch.cuda.is_available()
+
+
+def _onnx_pipeline(path, device: str, threads: int | None) -> Pipeline:
+    from .onnx_backend import OnnxModel
+
+    backend = OnnxModel(path, device=device, threads=threads)
+    return Pipeline(_processor(path, backend.config), backend, backend.config.language_config.max_position_embeddings)
 
 
 def _processor(path, config: VL2Config) -> Processor:
