@@ -256,3 +256,13 @@ def test_a_prompt_file_that_is_not_utf8(tmp_path, capsys):
                "--out", tmp_path / "out.jsonl")
     assert "prompt.txt" in err and "UTF-8" in err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_the_temporary_of_a_killed_run_is_removed_by_the_next(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    stale = tmp_path / f".q.partial-{dead}"
+    (stale / "model.safetensors").parent.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a file")
+    convert(TINY, tmp_path / "q", Recipe("int8"), progress=False)
+    assert not stale.exists() and (tmp_path / "q" / "quantization.json").is_file()

@@ -2,7 +2,8 @@
 
 The command writes into a fresh temporary directory beside `dst` (same filesystem), and only when it
 has finished is that directory renamed into place: an interrupted, failed or disk-full run leaves
-`dst` exactly as it was and removes its own temporary files. A destination that already holds files
+`dst` exactly as it was and removes its own temporary files (a run killed outright cannot; the next
+run for the same destination removes temporaries whose process is gone). A destination that already holds files
 is refused unless `overwrite` is given (then the old directory is replaced as a whole, after the new
 one is complete); a destination that is a file, that is one of the sources, or lies inside one (or
 holds one), is refused before anything is written. OS errors (no space, read-only filesystem, a file
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import shutil
 import signal
@@ -36,6 +38,16 @@ def ignore_file_size_signal() -> None:
     write fails with EFBIG instead and becomes a clear error. Only the main thread may set it."""
     with contextlib.suppress(ValueError, AttributeError, OSError):  # not the main thread, or no such signal
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -70,11 +82,18 @@ class OutputDir:
         ignore_file_size_signal()
         try:
             self.dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._remove_abandoned()
             self.tmp.mkdir()
         except OSError as e:
             raise InputError(f"cannot write {self.dst}: {os_reason(e)}") from None
         return self.tmp
+
+    def _remove_abandoned(self) -> None:
+        """Temporaries of this destination left by a run that was killed (its process is gone)."""
+        for p in self.dst.parent.glob(f".{glob.escape(self.dst.name)}.partial-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+                shutil.rmtree(p, ignore_errors=True)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
