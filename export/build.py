@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import time
@@ -156,6 +157,9 @@ def _build(src: Path, out: Path, recipe: str, block_size: int, vision: str, accu
             shutil.copyfile(src / name, out / name)
     moes = [m for m in model.modules() if isinstance(m, ExportMoE)]
     uses_qmoe = any(qmoe_ok(m.experts) for m in moes)
+    has_moe = bool(moes)
+    del model, moes  # the torch model is not needed any more: onnxruntime's sessions take its memory next
+    gc.collect()
     manifest = {
         "format": FORMAT, "source": str(src),
         "recipe": recipe if quant is None else quant.to_dict() | {"label": recipe},
@@ -167,7 +171,7 @@ def _build(src: Path, out: Path, recipe: str, block_size: int, vision: str, accu
         "graphs": graphs, "default_vision": "vision" if "vision" in graphs else "vision_int8",
         "tensors": {"embed_tokens": "embed_tokens.npy", "image_newline": "image_newline.npy",
                     "view_seperator": "view_seperator.npy"},
-        "quantization": specs, "moe": "QMoE" if uses_qmoe else ("masked-loop" if moes else "none"),
+        "quantization": specs, "moe": "QMoE" if uses_qmoe else ("masked-loop" if has_moe else "none"),
         "opset": {"ai.onnx": OPSET, "com.microsoft": MS_OPSET}, "ir_version": 8,
         "min_onnxruntime": "1.25.0" if uses_qmoe else ("1.22.0" if specs else "1.17.0"),
         "recommended_onnxruntime": "1.31.0",

@@ -173,12 +173,13 @@ def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | Non
     from .artifact import is_onnx_dir
     from .hub import resolve
 
+    asked = backend  # VL2EDGE_BACKEND is a default for checkpoints; an ONNX export always runs on ONNX Runtime
     backend = backend or os.environ.get("VL2EDGE_BACKEND") or "auto"
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     path = resolve(path_or_id)
     if is_onnx_dir(path):
-        if quant is not None or backend == "torch":
+        if quant is not None or asked == "torch":
             raise InputError(f"{path} is an ONNX export (its recipe was fixed when it was exported); "
                              "--quant and --backend torch need a checkpoint")
         return _onnx_pipeline(path, device, threads)
