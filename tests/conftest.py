@@ -1,13 +1,15 @@
 """Shared fixtures. The tests pin the PyTorch backend for float checkpoints (VL2EDGE_BACKEND=torch; subprocesses
 inherit it): what they check is the model, not the CPU default's ONNX cache, which test_export_cache.py tests
-with its own cache directory."""
+with its own cache directory. Caches (exports, optimized onnxruntime graphs) go to a temporary directory."""
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("VL2EDGE_BACKEND", "torch")
+os.environ.setdefault("VL2EDGE_CACHE", tempfile.mkdtemp(prefix="vl2edge-test-cache-"))  # never the user's cache
 
 from vl2edge.models.experts import DenseExperts
 

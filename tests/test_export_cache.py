@@ -102,3 +102,29 @@ def test_cli_prints_one_line_saying_what_and_where(cache, tmp_path, capsys):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "exporting" in line]
     assert len(lines) == 1 and str(entry_for(src)) in lines[0] and "--backend torch" in lines[0]
+
+
+def test_vision_sessions_start_from_the_optimized_graph_cache(cache, tmp_path):
+    """The first session of a vision graph writes its optimized, prepacked form; later sessions load that,
+    compute the same features, and a damaged entry is rebuilt."""
+    import numpy as np
+
+    from vl2edge.ort_cache import GRAPH
+    from vl2edge.ort_cache import entry_for as optimized_entry
+
+    src = shutil.copytree(TINY, tmp_path / "m")
+    entry = entry_for(src)
+    vl2edge.load(src, device="cpu")  # builds the export
+    manifest = json.loads((entry / "manifest.json").read_text())
+    optimized = optimized_entry(manifest["files"]["vision.onnx"])
+    pixels = golden.processor_outputs("square_384")["images"][0]
+    plain = OnnxModel(entry, cache_sessions=False).encode_tiles(pixels)
+    assert not optimized.exists()
+    first = OnnxModel(entry).encode_tiles(pixels)  # writes the entry
+    assert (optimized / GRAPH).is_file() and (optimized / (GRAPH + ".data")).is_file()
+    second = OnnxModel(entry).encode_tiles(pixels)  # starts from it
+    np.testing.assert_array_equal(first, plain)
+    np.testing.assert_array_equal(second, plain)
+    (optimized / GRAPH).write_bytes(b"garbage")
+    np.testing.assert_array_equal(OnnxModel(entry).encode_tiles(pixels), plain)
+    assert (optimized / GRAPH).stat().st_size > 100  # rebuilt
