@@ -94,3 +94,18 @@ def routing(model):
     finally:
         for h in hooks:
             h.remove()
+
+
+def cli_error(capsys, *args, one_line: bool = False) -> str:
+    """Run `vl2edge ARGS...` expecting a user error: exit status 2 with a message and no traceback (with
+    `one_line`, exactly one line); returns what it printed on stderr."""
+    import pytest
+
+    from vl2edge import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and err.strip(), err
+    assert not one_line or len(err.strip().splitlines()) == 1, err
+    return err

@@ -15,7 +15,6 @@ from PIL import Image
 
 import vl2edge
 from tests import golden
-from vl2edge import cli
 from vl2edge.errors import VL2Error
 from vl2edge.server import Limits, create_app
 
@@ -96,13 +95,7 @@ MODEL_BREAKS = ["empty-dir", "config-not-json", "config-wrong-model-type", "conf
                 "index-missing-shard", "no-weights"]
 
 
-def _cli(capsys, *args):
-    with pytest.raises(SystemExit) as e:
-        cli.main(list(args))
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert "Traceback" not in err and err.strip(), err
-    return err
+_cli = golden.cli_error
 
 
 @pytest.mark.parametrize("kind", MODEL_BREAKS)

@@ -11,7 +11,6 @@ import sys
 import pytest
 
 from tests import golden
-from vl2edge import cli
 from vl2edge.errors import CheckpointError
 from vl2edge.weights import SafetensorsFile
 
@@ -19,13 +18,7 @@ TINY = golden.model_dir("tiny")
 BOMB = "[" * 100_000 + "]" * 100_000
 
 
-def _cli(capsys, *args) -> str:
-    with pytest.raises(SystemExit) as e:
-        cli.main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert "Traceback" not in err and err.strip(), err
-    return err
+_cli = golden.cli_error
 
 
 def _copy(tmp_path):

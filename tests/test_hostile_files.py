@@ -192,11 +192,7 @@ def fast_cli(monkeypatch, pipe):
 
 
 def _cli(capsys, *args) -> str:
-    with pytest.raises(SystemExit) as e:
-        cli.main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err
+    return golden.cli_error(capsys, *args, one_line=True)
 
 
 def _batch(capsys, out, *inputs, resume=False) -> tuple[list[dict], str]:

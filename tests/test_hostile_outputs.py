@@ -22,13 +22,7 @@ from vl2edge.quant.recipes import Recipe
 TINY = golden.model_dir("tiny")
 
 
-def _cli(capsys, *args) -> str:
-    with pytest.raises(SystemExit) as e:
-        cli.main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert "Traceback" not in err and err.strip(), err
-    return err
+_cli = golden.cli_error
 
 
 def _tree(d) -> dict:
