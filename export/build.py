@@ -5,7 +5,9 @@
                                onnxruntime, verification errors, sha256 of every file, source
       decoder.onnx(.data)      the decoder step (export/graphs.py), contrib ops per export/ops.py
       vision.onnx(.data)       vision tower + projector in float32
-      vision_int8.onnx(.data)  the same with int8 weights (per channel) and dynamically quantized activations
+      vision_int8.onnx(.data)  the same with statically quantized GEMMs (QDQ u8s8, export/vision_int8.py); the
+                               manifest's default_vision when its features pass the gate on the verification
+                               sample (rel-L2 <= 1 % against vision.onnx), else float with the reason
       embed_tokens.npy, image_newline.npy, view_seperator.npy   the float tensors the runtime gathers
       config.json, processor_config.json, tokenizer*.json, special_tokens_map.json
 """
@@ -34,13 +36,14 @@ from vl2edge.quant.recipes import EXPORT_RECIPES, Recipe, read_manifest
 from vl2edge.synthetic import sample_image
 from vl2edge.weights import SIDE_FILES
 
-from .graphs import MS_OPSET, OPSET, export_decoder, export_vision, quantize_vision
+from .graphs import MS_OPSET, OPSET, export_decoder, export_vision
 from .ops import ExportMoE, prepare, qmoe_ok
+from .vision_int8 import calibration_images, calibration_tiles, export_vision_int8, feature_gate
 
 
-def _sample_inputs(src: Path):
-    """A real prompt (one image, tiled) through the processor: what the verification feeds both sides."""
-    proc = Processor.from_pretrained(src)
+def _sample_inputs(proc: Processor):
+    """A real prompt (one image, tiled) through the processor: what the verification feeds both sides (its
+    picture size is not among the int8 vision graph's calibration pictures)."""
     return proc([{"role": "user", "content": "<image>\nDescribe this image in detail."}],
                 [sample_image(400, 300)])
 
@@ -62,16 +65,37 @@ def _verify(dst: Path, graphs: dict, ref: dict, inputs, threads: int = 0) -> dic
     from vl2edge.onnx_backend import OnnxModel
 
     model = OnnxModel(dst, threads=threads, cache_sessions=False)  # no optimized-graph cache for a temporary
-    out = {}
-    for name in graphs:
-        if name.startswith("vision"):
-            got = model.vision_session(name).run(None, {"pixel_values": inputs.images[0]})[0]
-            out[name] = _errors(got, ref["features"])
+    out: dict = {}
+    feats = {name: model.vision_session(name).run(None, {"pixel_values": inputs.images[0]})[0]
+             for name in graphs if name.startswith("vision")}
+    for name, got in feats.items():
+        out[name] = _errors(got, ref["features"])
+    if "vision_int8" in feats:  # the gate: against the float graph (the torch features where it was not kept)
+        out["vision_int8_gate"] = feature_gate(feats["vision_int8"], feats.get("vision", ref["features"]))
     cache = model.new_cache(1, ref["embeds"].shape[1] + 2)
     got = [prefill(model, ref["embeds"], inputs.attention_mask, cache, chunk_size=ref["chunk"])]
     got += [model.decode(np.array([t]), cache) for t in (5, 9)]
     out["decoder"] = _errors(np.concatenate(got), np.concatenate(ref["steps"]))
     return out
+
+
+def _choose_vision(manifest: dict) -> None:
+    """The int8 vision graph becomes the default when it passed the gate on the verification sample; the
+    gate's numbers go into its graph entry, and the reason for the choice into `default_vision_reason`."""
+    gate = manifest["verification"].pop("vision_int8_gate", None)
+    if gate is None:
+        return
+    manifest["graphs"]["vision_int8"]["gate"] = gate
+    err = f"features rel-L2 {gate['features_rel_l2']:.4f} against the float graph on the verification sample"
+    if "vision" not in manifest["graphs"]:
+        manifest["default_vision"] = "vision_int8"
+        manifest["default_vision_reason"] = f"the only vision graph exported ({err})"
+    elif gate["passed"]:
+        manifest["default_vision"] = "vision_int8"
+        manifest["default_vision_reason"] = f"int8 passed the gate: {err} <= {gate['limit']}"
+    else:
+        manifest["default_vision"] = "vision"
+        manifest["default_vision_reason"] = f"int8 failed the gate: {err} > {gate['limit']}; float kept"
 
 
 def _errors(got: np.ndarray, ref: np.ndarray) -> dict:
@@ -82,24 +106,28 @@ def _errors(got: np.ndarray, ref: np.ndarray) -> dict:
 
 def export(src, dst, recipe: str = "int4-experts", block_size: int = 32, vision: str = "both",
            accuracy_level: int = 4, routing_outputs: bool = False, progress: bool = True,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, calibration=None) -> Path:
     """Quantize (per `recipe`), export and verify into the new directory `dst` (written under a temporary
     name and renamed into place when complete; refused if it holds files, unless `overwrite`).
-    vision: "float", "int8" or "both" (quantized recipes)."""
+    vision: "float", "int8" or "both" (quantized recipes). calibration: a folder of pictures like the ones
+    the model will see, added to the int8 vision graph's calibration set (synthetic pictures by default)."""
     if recipe not in EXPORT_RECIPES:
         raise InputError(f"unknown recipe {recipe!r}; known: {', '.join(EXPORT_RECIPES)}")
     if vision not in ("float", "int8", "both"):
         raise InputError(f"vision must be float, int8 or both, got {vision!r}")
+    if calibration is not None and not Path(calibration).is_dir():
+        raise InputError(f"calibration images: {calibration} is not a folder")
+    pictures = calibration_images(calibration)
     src, dst = resolve(src), Path(dst)
     if read_manifest(src) is not None:
         raise InputError(f"{src} is already quantized; export from the float checkpoint")
     with OutputDir(dst, overwrite, sources=(src,)) as out:
-        _build(src, out, recipe, block_size, vision, accuracy_level, routing_outputs, progress)
+        _build(src, out, recipe, block_size, vision, accuracy_level, routing_outputs, progress, pictures)
     return dst
 
 
 def _build(src: Path, out: Path, recipe: str, block_size: int, vision: str, accuracy_level: int,
-           routing_outputs: bool, progress: bool) -> None:
+           routing_outputs: bool, progress: bool, pictures: list) -> None:
     """Everything `export` writes, into `out`."""
     steps = ["load", "vision", "vision_int8", "decoder", "verify", "write"]
     if recipe == "float32" or vision == "float":
@@ -123,7 +151,8 @@ def _build(src: Path, out: Path, recipe: str, block_size: int, vision: str, accu
     quant = None if recipe == "float32" else Recipe(recipe, block_size=block_size)
     model = load_model(src, dtype="float32", device="cpu", quant=quant, kernel="dequant").model
     config: VL2Config = model.config
-    inputs = _sample_inputs(src)
+    proc = Processor.from_pretrained(src)
+    inputs = _sample_inputs(proc)
     ref = _reference(model, inputs)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "embed_tokens.npy", model.language.model.embed_tokens.weight.detach().float().numpy())
@@ -139,11 +168,11 @@ def _build(src: Path, out: Path, recipe: str, block_size: int, vision: str, accu
     graphs["vision"] = export_vision(model, out / "vision.onnx")
     done()
     if vision in ("int8", "both") and quant is not None:
-        step("vision tower (int8)")
-        graphs["vision_int8"] = quantize_vision(out / "vision.onnx", out / "vision_int8.onnx")
+        step("vision tower (int8: smoothing, calibration)")
+        tiles = calibration_tiles(proc, pictures)
+        graphs["vision_int8"] = export_vision_int8(model, out / "vision_int8.onnx", tiles)
         specs |= {n: {"bits": 8, "graph": "vision_int8", "scheme": graphs["vision_int8"]["scheme"]}
-                  for n, s in config.tensor_shapes().items()
-                  if n.startswith("vision.blocks.") and n.endswith(".weight") and len(s) == 2}
+                  for n in graphs["vision_int8"].pop("int8_weights")}
         if vision == "int8":
             for f in (out / "vision.onnx", out / "vision.onnx.data"):
                 f.unlink(missing_ok=True)
@@ -179,6 +208,7 @@ def _build(src: Path, out: Path, recipe: str, block_size: int, vision: str, accu
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     step("verify with onnxruntime")
     manifest["verification"] = _verify(out, graphs, ref, inputs)
+    _choose_vision(manifest)
     done()
     step("checksums")
     files = sorted(p for p in out.iterdir() if p.name != MANIFEST)

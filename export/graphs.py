@@ -1,4 +1,5 @@
-"""The two exported graphs and their ONNX export: the vision tower + projector, and the decoder step.
+"""The two exported graphs and their ONNX export: the vision tower + projector, and the decoder step
+(the int8 vision graph's quantization is export/vision_int8.py).
 
 The decoder graph is the torch language model itself, run with `GraphCache` (an implementation of
 `vl2edge.models.cache.Cache`) in place of the runtime's preallocated cache: past keys/values (MHA, BNSH)
@@ -13,6 +14,7 @@ computed for the last position only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import warnings
@@ -156,11 +158,39 @@ def export_decoder(model: VL2Model, out: Path, routing: bool = False) -> dict:
             "cache": layout}
 
 
-def quantize_vision(src: Path, out: Path) -> dict:
+def one_data_file(out: Path) -> None:
+    """Rewrite a quantizer's output so its external data is the one `<file>.data` every graph here uses."""
+    import onnx
+
+    if not any(out.parent.glob(out.name + "*.data")):
+        return
+    proto = onnx.load(str(out))
+    for f in out.parent.glob(out.name + "*.data"):
+        f.unlink()
+    onnx.save_model(proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=out.name + ".data", size_threshold=1024)
+
+
+@contextlib.contextmanager
+def quiet_quantizer():
+    """The onnxruntime quantizers log advice (pre-processing, calibration) through the root logger and warn;
+    silence both while they run."""
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root_logger.setLevel(level)
+
+
+def quantize_vision_dynamic(src: Path, out: Path) -> dict:
     """The vision graph with int8 weights (per output channel) and activations quantized per tensor at run
-    time (onnxruntime.quantization.quantize_dynamic on the weight MatMuls: MatMulInteger). On the
-    development CPU it runs a tile 2.3x faster than float32, where 8-bit MatMulNBits ran slower than
-    float32 (bench/RESULTS.md)."""
+    time (onnxruntime.quantization.quantize_dynamic on the weight MatMuls: DynamicQuantizeMatMul). The
+    export's int8 graph was this until the static scheme (export/vision_int8.py) replaced it; kept for
+    bench/vision_int8.py's comparison."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -170,29 +200,19 @@ def quantize_vision(src: Path, out: Path) -> dict:
     big = (src.with_name(src.name + ".data")).is_file()
     for f in (out, out.with_name(out.name + ".data")):
         f.unlink(missing_ok=True)
-    root_logger = logging.getLogger()
-    level = root_logger.level
-    root_logger.setLevel(logging.ERROR)  # the quantizer logs advice about calibration pre-processing
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=True,
-                             nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"], use_external_data_format=big)
-    finally:
-        root_logger.setLevel(level)
-    if big:  # quantize_dynamic names the data file after the model; keep the `<file>.data` convention
-        proto = onnx.load(str(out))
-        for f in out.parent.glob(out.name + "*.data"):
-            f.unlink()
-        onnx.save_model(proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=out.name + ".data", size_threshold=1024)
+    with quiet_quantizer():
+        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                         nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"], use_external_data_format=big)
+    one_data_file(out)
     return {"file": out.name, "inputs": ["pixel_values"], "outputs": ["image_features"],
             "scheme": "int8 weights per output channel, activations quantized per tensor at run time "
-                      f"(MatMulInteger), {len(nodes)} MatMuls"}
+                      f"(DynamicQuantizeMatMul), {len(nodes)} MatMuls"}
 
 
-def export_vision(model: VL2Model, out: Path) -> dict:
+def export_vision(model: VL2Model, out: Path, graph: nn.Module | None = None) -> dict:
+    """The vision tower + projector in plain ONNX ops, or `graph` (a twin of VisionGraph, e.g.
+    export/vision_int8.py's, which may emit contrib ops)."""
     S = model.config.vision_config.image_size
-    _export(VisionGraph(model), (torch.randn(2, 3, S, S),), out, ["pixel_values"], ["image_features"],
-            {"pixel_values": {0: "tiles"}, "image_features": {0: "tiles"}}, contrib=False)
+    _export(graph or VisionGraph(model), (torch.randn(2, 3, S, S),), out, ["pixel_values"], ["image_features"],
+            {"pixel_values": {0: "tiles"}, "image_features": {0: "tiles"}}, contrib=graph is not None)
     return {"file": out.name, "inputs": ["pixel_values"], "outputs": ["image_features"]}

@@ -25,7 +25,7 @@ def exports(tmp_path_factory):
     for v in golden.VARIANTS:
         out[v, "float32"] = export(golden.model_dir(v), root / f"{v}-f32", "float32", progress=False)
         out[v, "int4-experts"] = export(golden.model_dir(v), root / f"{v}-q4", "int4-experts", routing_outputs=True,
-                                        progress=False)
+                                        progress=False, calibration=golden.REF / "images")
         out[v, "exact"] = export(golden.model_dir(v), root / f"{v}-q4-acc0", "int4-experts", vision="float",
                                  accuracy_level=0, routing_outputs=True, progress=False)
     return out
@@ -105,16 +105,63 @@ def test_manifest_describes_the_artifact(exports):
     d = exports["tiny", "int4-experts"]
     m = json.loads((d / "manifest.json").read_text())
     assert m["format"] == "vl2edge.onnx.v1" and m["moe"] == "QMoE" and m["min_onnxruntime"] == "1.25.0"
-    assert set(m["graphs"]) == {"vision", "vision_int8", "decoder"} and m["default_vision"] == "vision"
+    assert set(m["graphs"]) == {"vision", "vision_int8", "decoder"}
+    gate = m["graphs"]["vision_int8"]["gate"]
+    assert gate["passed"] and gate["features_rel_l2"] <= 0.01 and m["default_vision"] == "vision_int8"
+    assert "passed the gate" in m["default_vision_reason"]
     assert m["graphs"]["decoder"]["past"][:2] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert m["quantization"]["language.model.layers.1.mlp.experts.0.up_proj.weight"]["bits"] == 4
-    assert m["quantization"]["vision.blocks.0.mlp.fc1.weight"]["graph"] == "vision_int8"
+    int8 = [n for n, q in m["quantization"].items() if q.get("graph") == "vision_int8"]
+    assert len(int8) == m["graphs"]["vision_int8"]["calibration"]["int8_nodes"] >= 1
+    assert all(n.startswith("vision.blocks.") and n.endswith(".weight") for n in int8)
     assert m["verification"]["decoder"]["rel_l2"] < 3e-2 and m["verification"]["vision"]["rel_l2"] < 1e-5
-    assert m["verification"]["vision_int8"]["rel_l2"] < 3e-2
+    assert m["verification"]["vision_int8"]["rel_l2"] < 1e-2
     assert set(m["files"]) >= {"decoder.onnx", "vision.onnx", "embed_tokens.npy", "tokenizer.json"}
     assert OnnxModel(d).verify_files() == []
     base = json.loads((exports["base", "int4-experts"] / "manifest.json").read_text())
     assert base["moe"] == "masked-loop" and base["graphs"]["decoder"]["cache"]["kinds"] == ["latent"]
+
+
+def _greedy(decoder: OnnxModel, vision: OnnxModel, case: str) -> list[int]:
+    """8 greedy tokens: `decoder`'s graph and tables, image features from `vision`'s vision graph."""
+    ids, att, images, seq_mask, crop = golden.model_args(case)
+    decoder.encode_tiles = vision.encode_tiles
+    return [int(t[0]) for t in generate(decoder, decoder.embed(ids, images, seq_mask, crop), att, max_new_tokens=8,
+                                        eos_id=None)]
+
+
+@pytest.mark.parametrize("variant", golden.VARIANTS)
+def test_int8_vision_graph_passes_the_gate(exports, variant):
+    """The statically quantized vision graph against the float one on every fixture case: features within
+    1 % rel-L2, and the same greedy answer. The answers are decoded by the float32 export's decoder (exact),
+    so they measure the vision graph: the int4 decoder's run-time int8 activations turn any change of its
+    input (0.5 % here) into different tokens on the Base-like fixture, whose routing has near-ties."""
+    d = exports[variant, "int4-experts"]
+    floats, int8 = OnnxModel(d, vision="vision"), OnnxModel(d, vision="vision_int8")
+    decoder = OnnxModel(exports[variant, "float32"])
+    entry = json.loads((d / "manifest.json").read_text())["graphs"]["vision_int8"]
+    assert entry["calibration"]["int8_nodes"] >= 1 and entry["gate"]["features_rel_l2"] <= 0.01
+    # every tower GEMM in int8 (the search's first step): 1.2-1.5 % on these 2-layer models, whose residual
+    # stream does not dilute the quantization noise (full-width tower: 0.27 %); the search then keeps GEMMs float
+    assert entry["calibration"]["search"][0]["calibration_rel_l2"] < 0.02
+    for case in golden.CASES:
+        _, _, images, _, crop = golden.model_args(case)
+        if crop.any():
+            ref, got = floats.encode_tiles(images[0]), int8.encode_tiles(images[0])
+            assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 0.01, case
+            # static scales: a tile's features do not depend on the tiles it is batched with
+            one = int8.encode_tiles(images[0], batch=1)
+            assert np.linalg.norm(one - got) / np.linalg.norm(got) <= 1e-4, case
+        assert _greedy(decoder, int8, case) == _greedy(decoder, floats, case), case
+
+
+def test_calibration_folder_must_hold_pictures(tmp_path):
+    with pytest.raises(InputError, match="not a folder"):
+        export(golden.model_dir("tiny"), tmp_path / "o", calibration=tmp_path / "none")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no pictures"):
+        export(golden.model_dir("tiny"), tmp_path / "o", calibration=tmp_path / "empty")
+    assert not (tmp_path / "o").exists()
 
 
 def test_broken_artifacts_are_reported(exports, tmp_path):

@@ -2,7 +2,8 @@
 
 `OnnxModel(dir)` implements what `generate.py` drives (`new_cache`, `prefill`, `decode`) plus
 `embed` (token embeddings gathered from a memory-mapped table, image features from the vision graph,
-laid out by `vl2edge.layout.image_layout`). All tiles of a prompt go through the vision graph in one batch.
+laid out by `vl2edge.layout.image_layout`). The tiles of a prompt go through the vision graph in chunks
+of VISION_BATCH tiles (sized for the cache: measured by bench/vision_int8.py).
 The CUDA execution provider is used when `onnxruntime-gpu` is installed and a GPU is visible;
 threads default to the number of physical cores. See export/build.py for the directory layout.
 """
@@ -19,6 +20,9 @@ from .config import VL2Config
 from .errors import CheckpointError, InputError
 from .layout import gather_rows, image_layout
 from .ort_cache import cached_session
+
+VISION_BATCH = 2  # tiles per vision-graph run: full-width int8 tower, 2 threads, s/tile at batch 1/2/4/10:
+                  # 0.662/0.656/0.677/0.724 (float 2.64/2.66/2.62/2.93; bench/vision_int8.py)
 
 
 def physical_cores() -> int:
@@ -117,8 +121,11 @@ class OnnxModel:
 
     # -- embeddings -----------------------------------------------------------------------------------
 
-    def encode_tiles(self, pixels: np.ndarray) -> np.ndarray:
-        return self.vision_session().run(None, {"pixel_values": np.ascontiguousarray(pixels, np.float32)})[0]
+    def encode_tiles(self, pixels: np.ndarray, batch: int = VISION_BATCH) -> np.ndarray:
+        """pixels [n, 3, S, S] -> features [n, N', D], `batch` tiles per run of the vision graph."""
+        session, pixels = self.vision_session(), np.ascontiguousarray(pixels, np.float32)
+        return np.concatenate([session.run(None, {"pixel_values": pixels[i:i + batch]})[0]
+                               for i in range(0, len(pixels), batch)])
 
     def embed(self, input_ids, images=None, images_seq_mask=None, images_spatial_crop=None) -> np.ndarray:
         ids = np.asarray(input_ids, dtype=np.int64)
