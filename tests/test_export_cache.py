@@ -116,7 +116,8 @@ def test_vision_sessions_start_from_the_optimized_graph_cache(cache, tmp_path):
     entry = entry_for(src)
     vl2edge.load(src, device="cpu")  # builds the export
     manifest = json.loads((entry / "manifest.json").read_text())
-    optimized = optimized_entry(manifest["files"]["vision.onnx"])
+    graph = manifest["graphs"][manifest["default_vision"]]["file"]  # what encode_tiles runs
+    optimized = optimized_entry(manifest["files"][graph])
     pixels = golden.processor_outputs("square_384")["images"][0]
     plain = OnnxModel(entry, cache_sessions=False).encode_tiles(pixels)
     assert not optimized.exists()
