@@ -244,7 +244,8 @@ def export(a) -> None:
     except ImportError as e:
         raise InputError(f"vl2edge export needs the export extra ({e.name} is missing): "
                          "pip install 'vl2edge[export]'") from None
-    out = run_export(a.model, a.out, a.recipe, a.block_size, a.vision, a.accuracy_level, overwrite=a.overwrite)
+    out = run_export(a.model, a.out, a.recipe, a.block_size, a.vision, a.accuracy_level, overwrite=a.overwrite,
+                     calibration=a.calibration_images)
     m = json.loads((out / "manifest.json").read_text())
     print(f"wrote {out} ({a.recipe}, {m['export_seconds']} s); verification against torch: "
           + ", ".join(f"{k} rel-L2 {v['rel_l2']:.1e}" for k, v in m["verification"].items()))
@@ -400,6 +401,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
                    help="MatMulNBits/QMoE accuracy_level: 4 = int8 activations (fast on CPU), 0 = exact")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
+    e.add_argument("--calibration-images", metavar="DIR", help="pictures to calibrate the int8 vision graph on")
     e.set_defaults(func=export)
 
     v = sub.add_parser("verify", help="check an ONNX export's files against its sha256s, or a checkpoint against "
