@@ -32,12 +32,12 @@ from vl2edge.models.loading import load_model
 from vl2edge.models.model import VL2Model
 from vl2edge.outputs import OutputDir
 from vl2edge.processor import Processor
-from vl2edge.quant.recipes import EXPORT_RECIPES, Recipe, read_manifest
+from vl2edge.quant.recipes import EXPORT_RECIPES, Recipe, export_block_size, read_manifest
 from vl2edge.synthetic import sample_image
 from vl2edge.weights import SIDE_FILES
 
 from .graphs import MS_OPSET, OPSET, export_decoder, export_vision
-from .ops import ExportMoE, prepare, qmoe_ok
+from .ops import ExportLinear, ExportMoE, Kernels, prepare, qmoe_ok
 from .vision_int8 import calibration_images, calibration_tiles, export_vision_int8, feature_gate
 
 
@@ -104,13 +104,16 @@ def _errors(got: np.ndarray, ref: np.ndarray) -> dict:
             "rel_l2": float(np.linalg.norm(got - ref) / np.linalg.norm(ref))}
 
 
-def export(src, dst, recipe: str = "int4-experts", block_size: int = 32, vision: str = "both",
+def export(src, dst, recipe: str = "int4-experts", block_size: int | None = None, vision: str = "both",
            accuracy_level: int = 4, routing_outputs: bool = False, progress: bool = True,
-           overwrite: bool = False, calibration=None) -> Path:
+           overwrite: bool = False, calibration=None, int8_matmul: bool = True) -> Path:
     """Quantize (per `recipe`), export and verify into the new directory `dst` (written under a temporary
     name and renamed into place when complete; refused if it holds files, unless `overwrite`).
     vision: "float", "int8" or "both" (quantized recipes). calibration: a folder of pictures like the ones
-    the model will see, added to the int8 vision graph's calibration set (synthetic pictures by default)."""
+    the model will see, added to the int8 vision graph's calibration set (synthetic pictures by default).
+    block_size: None = export_block_size (64 where the widths allow, else 32).
+    int8_matmul: the decoder's 8-bit linears as int8 rows through MatMulInteger (export/ops.py; False:
+    MatMulNBits, slower on long prefills)."""
     if recipe not in EXPORT_RECIPES:
         raise InputError(f"unknown recipe {recipe!r}; known: {', '.join(EXPORT_RECIPES)}")
     if vision not in ("float", "int8", "both"):
@@ -122,11 +125,12 @@ def export(src, dst, recipe: str = "int4-experts", block_size: int = 32, vision:
     if read_manifest(src) is not None:
         raise InputError(f"{src} is already quantized; export from the float checkpoint")
     with OutputDir(dst, overwrite, sources=(src,)) as out:
-        _build(src, out, recipe, block_size, vision, accuracy_level, routing_outputs, progress, pictures)
+        _build(src, out, recipe, block_size, vision, Kernels(accuracy_level, int8_matmul), routing_outputs,
+               progress, pictures)
     return dst
 
 
-def _build(src: Path, out: Path, recipe: str, block_size: int, vision: str, accuracy_level: int,
+def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: str, kernels: Kernels,
            routing_outputs: bool, progress: bool, pictures: list) -> None:
     """Everything `export` writes, into `out`."""
     steps = ["load", "vision", "vision_int8", "decoder", "verify", "write"]
@@ -148,6 +152,9 @@ def _build(src: Path, out: Path, recipe: str, block_size: int, vision: str, accu
 
     t0 = time.perf_counter()
     step("load + quantize")
+    if block_size is None:
+        lc = VL2Config.from_pretrained(src).language_config
+        block_size = export_block_size(lc.hidden_size, lc.moe_intermediate_size if lc.n_routed_experts else None)
     quant = None if recipe == "float32" else Recipe(recipe, block_size=block_size)
     model = load_model(src, dtype="float32", device="cpu", quant=quant, kernel="dequant").model
     config: VL2Config = model.config
@@ -162,7 +169,7 @@ def _build(src: Path, out: Path, recipe: str, block_size: int, vision: str, accu
     if quant is not None:
         specs = {n: s.to_dict() for n, s in quant.specs(config.tensor_shapes()).items()}
     done()
-    prepare(model, accuracy_level, plain=quant is None)
+    prepare(model, kernels, plain=quant is None)
     graphs = {}
     step("vision tower (float32)")
     graphs["vision"] = export_vision(model, out / "vision.onnx")
@@ -180,6 +187,9 @@ def _build(src: Path, out: Path, recipe: str, block_size: int, vision: str, accu
         done()
     step("decoder")
     graphs["decoder"] = export_decoder(model, out / "decoder.onnx", routing=routing_outputs)
+    if any(isinstance(m, ExportLinear) and m.int8 for m in model.modules()):
+        graphs["decoder"]["linears_8bit"] = ("int8 weights per output row (re-laid from the 8-bit blocks), "
+                                             "activations quantized per token at run time, MatMulInteger u8s8")
     done()
     for name in SIDE_FILES:
         if (src / name).is_file():
@@ -192,7 +202,7 @@ def _build(src: Path, out: Path, recipe: str, block_size: int, vision: str, accu
     manifest = {
         "format": FORMAT, "source": str(src),
         "recipe": recipe if quant is None else quant.to_dict() | {"label": recipe},
-        "accuracy_level": accuracy_level, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "accuracy_level": kernels.accuracy_level, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "dims": {"hidden_size": config.language_config.hidden_size, "vocab_size": config.language_config.vocab_size,
                  "num_hidden_layers": config.language_config.num_hidden_layers,
                  "attention": "mla" if config.language_config.use_mla else "mha",

@@ -3,7 +3,10 @@
 `prepare(model, ...)` swaps (through `vl2edge.models.swap.swap_modules`), in place and for export
 only, each module for a twin with the same weights whose forward traces to the op ORT runs fastest:
 
-    QLinear            -> com.microsoft MatMulNBits (accuracy_level 4 by default: int8 activations)
+    QLinear, 8-bit     -> int8 per-output-channel weights, activations quantized per token at run time,
+                          MatMulInteger u8s8 (the matrix-unit path: AMX on recent Xeons, ~8x MatMulNBits
+                          on a 1432-token prefill, as fast at one token; bench/RESULTS.md)
+    QLinear, 4-bit     -> com.microsoft MatMulNBits (accuracy_level 4 by default: int8 activations)
     MoE (packed)       -> com.microsoft QMoE over the active experts, routing equal to DeepSeek's via
                           `router_weights` (softmax without renormalisation; noaux_tc: sigmoid, bias for
                           selection only, renormalised x routed_scaling_factor)
@@ -22,6 +25,8 @@ trace has the right shapes) and whose `symbolic` emits the contrib op.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +40,16 @@ from vl2edge.quant.format import QuantSpec, dequantize
 from vl2edge.quant.modules import QLinear, QuantExperts
 
 MS = "com.microsoft::"
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which ORT kernels the twins trace to: MatMulNBits/QMoE `accuracy_level` (4: int8 activations allowed,
+    0: the graph computes what the torch model does), and whether 8-bit linears take the MatMulInteger path
+    when int8 activations are allowed (False: MatMulNBits, as graphs exported before 2026-12)."""
+
+    accuracy_level: int = 4
+    int8_matmul: bool = True
 
 
 def _none(g):
@@ -56,6 +71,43 @@ class MatMulNBitsFn(torch.autograd.Function):
         if sizes is not None:
             out.setType(x.type().with_sizes([*sizes[:-1], N]))
         return out
+
+
+class Int8LinearFn(torch.autograd.Function):
+    """y = x @ W.T for W = wq * ws[:, None] (int8 [N, K], one scale per output row), x quantized per token.
+
+    Per-token (not per-tensor) activation scales keep one outlier token of a long prefill from costing
+    every other token its resolution; zero point 128 keeps the activations unsigned (u8s8 is the fast
+    QGEMM on x86; s8s8 without AVX-VNNI-INT8 is not). Rows: x [..., K] is flattened to [M, K].
+    """
+
+    @staticmethod
+    def forward(ctx, x, wq_t, ws, eps: float):
+        s = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=eps)
+        q = torch.round(x / s).clamp(-128, 127)
+        return (q @ wq_t.float()) * s * ws
+
+    @staticmethod
+    def symbolic(g, x, wq_t, ws, eps):
+        K = symbolic_helper._get_tensor_sizes(wq_t)[0]
+        const = lambda v, dtype: g.op("Constant", value_t=torch.tensor(v, dtype=dtype))  # noqa: E731
+        lead = g.op("Slice", g.op("Shape", x), const([0], torch.int64), const([-1], torch.int64))
+        rows = g.op("Reshape", x, const([-1, K], torch.int64))                          # [M, K]
+        scale = g.op("Max", g.op("Mul", g.op("ReduceMax", g.op("Abs", rows), axes_i=[-1], keepdims_i=1),
+                                 const(1 / 127, torch.float32)), const(eps, torch.float32))  # [M, 1]
+        flat = g.op("Squeeze", scale, const([-1], torch.int64))                         # [M]
+        zero = g.op("ConstantOfShape", g.op("Shape", flat), value_t=torch.tensor([128], dtype=torch.uint8))
+        q = g.op("QuantizeLinear", rows, flat, zero, axis_i=0)                           # u8 [M, K]
+        acc = g.op("MatMulInteger", q, wq_t, const(128, torch.uint8))                    # i32 [M, N]
+        y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), scale), ws)              # f32 [M, N]
+        return g.op("Reshape", y, g.op("Concat", lead, const([-1], torch.int64), axis_i=0))
+
+
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] float -> (int8 [K, N] (MatMulInteger's B layout), scale [N]): symmetric per row."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).T.contiguous(), scale
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -138,12 +190,24 @@ class GQAFn(torch.autograd.Function):
 # -- export twins of the runtime modules ------------------------------------------------------------------
 
 class ExportLinear(nn.Module):
-    def __init__(self, q: QLinear, acc: int):
+    """A QLinear's twin: 8-bit weights re-laid as int8 rows for MatMulInteger (when `kernels.int8_matmul`),
+    other widths through MatMulNBits."""
+
+    def __init__(self, q: QLinear, kernels: Kernels):
         super().__init__()
-        self.q, self.acc = q, acc
+        self.q, self.acc = q, kernels.accuracy_level
+        self.int8 = kernels.int8_matmul and kernels.accuracy_level == 4 and q.spec.bits == 8
+        if self.int8:
+            wq_t, ws = int8_rows(q.weight)
+            self.register_buffer("wq_t", wq_t)
+            self.register_buffer("ws", ws)
 
     def forward(self, x):
-        q, p = self.q, self.q.packed()
+        q = self.q
+        if self.int8:
+            y = Int8LinearFn.apply(x, self.wq_t, self.ws, 1e-12)
+            return y if q.bias is None else y + q.bias
+        p = q.packed()
         y = MatMulNBitsFn.apply(x, p["qweight"], p["scales"], p.get("qzeros"), q.in_features, q.out_features,
                                 q.spec.bits, q.spec.block_size, self.acc)
         return y if q.bias is None else y + q.bias
@@ -153,13 +217,13 @@ class ExportLinear(nn.Module):
         return self.q.weight
 
 
-def fused(mods: list[nn.Linear | QLinear], acc: int) -> nn.Module:
+def fused(mods: list[nn.Linear | QLinear], kernels: Kernels) -> nn.Module:
     """One projection computing several at once (outputs concatenated): packed rows or float rows stacked."""
     qs = [m for m in mods if isinstance(m, QLinear)]
     if len(qs) == len(mods) and len({m.spec for m in qs}) == 1:
         packed = {k: torch.cat([m.packed()[k] for m in qs]) for k in qs[0].packed()}
         bias = torch.cat([m.bias for m in qs if m.bias is not None]) if qs[0].bias is not None else None
-        return ExportLinear(QLinear.from_packed(qs[0].spec, packed, qs[0].in_features, bias), acc)
+        return ExportLinear(QLinear.from_packed(qs[0].spec, packed, qs[0].in_features, bias), kernels)
     lin = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=mods[0].bias is not None)
     lin.weight = nn.Parameter(torch.cat([m.weight for m in mods]), requires_grad=False)
     if lin.bias is not None:
@@ -167,15 +231,16 @@ def fused(mods: list[nn.Linear | QLinear], acc: int) -> nn.Module:
     return lin
 
 
-def _twin(m: nn.Module, acc: int) -> nn.Module:
-    return ExportLinear(m, acc) if isinstance(m, QLinear) else m
+def _twin(m: nn.Module, kernels: Kernels) -> nn.Module:
+    return ExportLinear(m, kernels) if isinstance(m, QLinear) else m
 
 
 class ExportMLP(nn.Module):
-    def __init__(self, mlp: MLP, acc: int):
+    def __init__(self, mlp: MLP, kernels: Kernels):
         super().__init__()
         self.inter = mlp.gate_proj.out_features
-        self.gate_up, self.down_proj = fused([mlp.gate_proj, mlp.up_proj], acc), _twin(mlp.down_proj, acc)
+        self.gate_up, self.down_proj = fused([mlp.gate_proj, mlp.up_proj], kernels), \
+            _twin(mlp.down_proj, kernels)
 
     def forward(self, x):
         g, u = self.gate_up(x).split(self.inter, dim=-1)
@@ -194,11 +259,11 @@ class ExportMLA(nn.Module):
 
 
 class ExportMHA(nn.Module):
-    def __init__(self, a: MHAttention, acc: int, cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(self, a: MHAttention, kernels: Kernels, cos: torch.Tensor, sin: torch.Tensor):
         super().__init__()
         self.layer, self.H, self.KV, self.hd, self.theta = a.layer, a.H, a.KV, a.hd, a.theta
-        self.qkv = fused([a.q_proj, a.k_proj, a.v_proj], acc)
-        self.o_proj = _twin(a.o_proj, acc)
+        self.qkv = fused([a.q_proj, a.k_proj, a.v_proj], kernels)
+        self.o_proj = _twin(a.o_proj, kernels)
         self.cos, self.sin = cos, sin
 
     def forward(self, x, positions, mask, cache):
@@ -247,10 +312,10 @@ def qmoe_ok(ex) -> bool:
 
 
 class ExportMoE(nn.Module):
-    def __init__(self, moe: MoE, acc: int):
+    def __init__(self, moe: MoE, kernels: Kernels):
         super().__init__()
-        self.gate, self.experts, self.acc = moe.gate, moe.experts, acc
-        self.shared_experts = None if moe.shared_experts is None else ExportMLP(moe.shared_experts, acc)
+        self.gate, self.experts, self.acc = moe.gate, moe.experts, kernels.accuracy_level
+        self.shared_experts = None if moe.shared_experts is None else ExportMLP(moe.shared_experts, kernels)
         ex = self.experts
         if isinstance(ex, QuantExperts) and qmoe_ok(ex):
             # fc1 = gate and up rows interleaved [g0, u0, g1, u1, ...], as QMoE's SwiGLU wants
@@ -296,26 +361,25 @@ def _rope_tables(model: VL2Model):
     return cos[0, 0, :, : c.head_dim // 2].contiguous(), sin[0, 0, :, : c.head_dim // 2].contiguous()
 
 
-def prepare(model: VL2Model, accuracy_level: int = 4, plain: bool = False) -> VL2Model:
+def prepare(model: VL2Model, kernels: Kernels = Kernels(), plain: bool = False) -> VL2Model:
     """Swap every module for its export twin (in place); returns the model. plain: standard ONNX ops only
     (no GroupQueryAttention / SimplifiedLayerNormalization), for the float32 verification export."""
-    acc = accuracy_level
     tables = None if plain or model.config.language_config.use_mla else _rope_tables(model)
 
     def twin(name: str, mod: nn.Module) -> nn.Module | None:
         if isinstance(mod, MHAttention) and tables is not None:
-            return ExportMHA(mod, acc, *tables)
+            return ExportMHA(mod, kernels, *tables)
         if isinstance(mod, MLAttention):
             swap_modules(mod, twin, name + ".")  # its projections and norms first
             return ExportMLA(mod)
         if isinstance(mod, MLP):
-            return ExportMLP(mod, acc)
+            return ExportMLP(mod, kernels)
         if isinstance(mod, QLinear):
-            return ExportLinear(mod, acc)
+            return ExportLinear(mod, kernels)
         if isinstance(mod, RMSNorm) and not plain:
             return ExportRMSNorm(mod)
         if isinstance(mod, MoE) and isinstance(mod.experts, (QuantExperts, DenseExperts)):
-            return ExportMoE(mod, acc)
+            return ExportMoE(mod, kernels)
         return None
 
     swap_modules(model, twin)

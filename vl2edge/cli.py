@@ -370,7 +370,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="KV cache positions to plan for (default: max)")
     i.set_defaults(func=info)
 
-    from .quant.recipes import EXPORT_RECIPES, RECIPES
+    from .quant.recipes import EXPORT_BLOCK_SIZE, EXPORT_RECIPES, RECIPES
 
     q = sub.add_parser("quantize", help="quantize a float checkpoint (directory or Hugging Face id) into a model "
                                         "directory vl2edge loads")
@@ -395,11 +395,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="artifact directory to write")
     e.add_argument("--recipe", default="int4-experts", choices=EXPORT_RECIPES,
                    help="float32 = plain ops, for verification; the others as in vl2edge quantize")
-    e.add_argument("--block-size", type=int, default=32, choices=[32, 64, 128])
+    e.add_argument("--block-size", type=int, default=None, choices=[32, 64, 128],
+                   help=f"default: {EXPORT_BLOCK_SIZE} where the model's widths allow it, else 32")
     e.add_argument("--vision", default="both", choices=["both", "float", "int8"],
-                   help="vision graph variants to write (int8: int8 weights, dynamically quantized activations)")
+                   help="vision graph variants to write (int8: statically quantized, calibrated; the default "
+                        "when it passes its accuracy gate)")
     e.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
-                   help="MatMulNBits/QMoE accuracy_level: 4 = int8 activations (fast on CPU), 0 = exact")
+                   help="4 = int8 activations (fast on CPU: MatMulNBits/QMoE accuracy_level 4, 8-bit linears "
+                        "through MatMulInteger), 0 = exact (the graph computes the torch model)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     e.add_argument("--calibration-images", metavar="DIR", help="pictures to calibrate the int8 vision graph on")
     e.set_defaults(func=export)
