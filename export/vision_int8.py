@@ -10,7 +10,8 @@
       -> vision_int8.onnx: ORT runs each DQ -> MatMul as MatMulIntegerToFloat, the u8s8 QGEMM (AMX /
          AVX-512-VNNI here)
     while the features on the calibration tiles miss SEARCH_TARGET, the next tower GEMM from the front is
-    kept in float (at most MAX_FLOAT) and the last two steps are redone
+    kept in float (at most MAX_FLOAT, and no longer once the pace of the last round cannot reach it) and the
+    last two steps are redone
 
 Calibration tiles are what the model's own processor makes of a set of pictures (`calibration_images`:
 the synthetic sample picture at several sizes plus a caller's folder). `feature_gate` is the gate the
@@ -298,6 +299,17 @@ def _module(node: str) -> str:
     return node.removeprefix("/vision/").removesuffix("/MatMul").replace("/", ".")
 
 
+def _hopeless(search: list[dict], last: int) -> bool:
+    """Would the rounds left miss SEARCH_TARGET even at twice the pace of the last round? (Each round is a
+    calibration: minutes at full width. Measured: on the fixtures the pace grows over the first rounds and
+    2-7 rounds reach the target; on full-size random Tiny 8 rounds moved the error only 1.57 -> 1.33 %.)"""
+    if len(search) < 2:
+        return False
+    pace = search[-2]["calibration_rel_l2"] - search[-1]["calibration_rel_l2"]
+    left = last - search[-1]["float_gemms"]
+    return 2 * pace * left < search[-1]["calibration_rel_l2"] - SEARCH_TARGET
+
+
 def export_vision_int8(model: VL2Model, out: Path, tiles: np.ndarray, method: str = METHOD,
                        alpha: float | None = SMOOTH_ALPHA, bias_correction: bool = True,
                        max_float: int = MAX_FLOAT) -> dict:
@@ -328,7 +340,7 @@ def export_vision_int8(model: VL2Model, out: Path, tiles: np.ndarray, method: st
             nodes = quantize_static_vision(src if bias_correction else ref_path, out, tiles, method, keep)
             err = float(np.linalg.norm(_features(out, check) - ref) / np.linalg.norm(ref))
             search.append({"float_gemms": k, "calibration_rel_l2": err})
-            if err <= SEARCH_TARGET:
+            if err <= SEARCH_TARGET or _hopeless(search, min(max_float, len(tower))):
                 break
     smoothing = f"SmoothQuant alpha {alpha}" if alpha is not None else "no smoothing"
     return {"file": out.name, "inputs": ["pixel_values"], "outputs": ["image_features"],
