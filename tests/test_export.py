@@ -216,3 +216,39 @@ def test_export_cli_refuses_bad_input(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vl2edge.export", "--model", str(tmp_path / "none"), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and "no such model directory" in r.stderr
+
+
+def test_the_vision_graph_can_be_chosen(exports):
+    import vl2edge
+
+    d = exports["tiny", "int4-experts"]
+    tiles = golden.processor_outputs("square_384")["images"][0][:1]
+    feats = {}
+    for choice, graph in (("float", "vision"), ("int8", "vision_int8"), (None, "vision_int8")):
+        backend = vl2edge.load(d, vision=choice).backend
+        assert backend.vision_name == graph
+        feats[choice] = backend.encode_tiles(tiles)
+    assert not np.array_equal(feats["float"], feats["int8"]) and np.array_equal(feats["int8"], feats[None])
+    with pytest.raises(InputError, match="vision_int8"):
+        vl2edge.load(exports["tiny", "float32"], vision="int8")  # a float32 export has no int8 graph
+    with pytest.raises(InputError, match="vision-graph"):
+        vl2edge.load(golden.model_dir("tiny"), backend="torch", vision="int8")
+
+
+def test_info_sizes_the_cpu_path_from_what_the_export_writes(exports):
+    """`vl2edge info`'s CPU estimate is built on the export's stored decoder: its size model (export block
+    size, float parts in float32, embedding table outside the graph) must account for the file written, up
+    to the graph's own constants (RoPE tables) and structure."""
+    from vl2edge.config import VL2Config
+    from vl2edge.info import onnx_resident
+
+    d = exports["tiny", "int4-experts"]
+    m, config = json.loads((d / "manifest.json").read_text()), VL2Config.from_pretrained(d)
+    est = onnx_resident(config, "int4-experts", 100)
+    stored = sum(n for f, n in m["sizes"].items() if f.startswith("decoder.onnx"))
+    lc = config.language_config
+    rope = 2 * lc.max_position_embeddings * (lc.head_dim // 2) * 4
+    assert est["decoder"] <= stored <= est["decoder"] + rope + 256 * 1024, (est, stored)
+    assert est["resident"] > est["decoder"] + est["vision"] * 0.9 + est["kv"]
+    longer = onnx_resident(config, "int4-experts", 1000)
+    assert longer["kv"] == 10 * est["kv"] and longer["resident"] - est["resident"] == longer["kv"] - est["kv"]

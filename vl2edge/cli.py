@@ -40,7 +40,8 @@ def build_prompt(prompt: str, n_images: int) -> str:
 def _load(a):
     from .pipeline import load
 
-    pipe = load(a.model, device=a.device, dtype=a.dtype, gpu_memory=a.gpu_memory, quant=a.quant, backend=a.backend)
+    pipe = load(a.model, device=a.device, dtype=a.dtype, gpu_memory=a.gpu_memory, quant=a.quant, backend=a.backend,
+                vision=a.vision_graph)
     if pipe.plan is not None and not getattr(a, "json", False):
         print(pipe.plan, file=sys.stderr)
     return pipe
@@ -311,6 +312,9 @@ def _parser() -> argparse.ArgumentParser:
                             "runs through an int4-experts ONNX export built once into a cache; torch: the PyTorch "
                             "model; onnx: the cached export on any machine")
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        p.add_argument("--vision-graph", default=None, choices=["float", "int8"],
+                       help="ONNX backend: the vision graph to run (default: the export's, int8 when it passed its "
+                            "accuracy gate at export time)")
         p.add_argument("--quant", choices=["int4-experts", "int8", "int4"], default=None,
                        help="quantize a float checkpoint while loading (PyTorch backend)")
         p.add_argument("--gpu-memory", metavar="SIZE", default=None,

@@ -157,7 +157,8 @@ BACKENDS = ("auto", "torch", "onnx")
 
 
 def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | None = None,
-         threads: int | None = None, gpu_memory=None, backend: str | None = None) -> Pipeline:
+         threads: int | None = None, gpu_memory=None, backend: str | None = None,
+         vision: str | None = None) -> Pipeline:
     """A ready pipeline for a model directory or Hugging Face id.
 
     An ONNX export (`vl2edge export`, has manifest.json) runs on ONNX Runtime without torch (`threads`
@@ -168,7 +169,8 @@ def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | Non
     `backend="onnx"` uses the cached export on any machine. A quantized directory (`vl2edge quantize`)
     loads as such on the PyTorch backend; `quant="int4-experts"` (or `int8`, `int4`) quantizes a float
     checkpoint while loading, without writing files. `gpu_memory` ("6GiB") plans the device placement
-    and offloads the routed experts that do not fit (see `vl2edge.models.loading.load_model`).
+    and offloads the routed experts that do not fit (see `vl2edge.models.loading.load_model`). `vision`
+    ("float" or "int8", ONNX backend): the vision graph to run instead of the export's default.
     """
     from .artifact import is_onnx_dir
     from .hub import resolve
@@ -182,7 +184,7 @@ def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | Non
         if quant is not None or asked == "torch":
             raise InputError(f"{path} is an ONNX export (its recipe was fixed when it was exported); "
                              "--quant and --backend torch need a checkpoint")
-        return _onnx_pipeline(path, device, threads)
+        return _onnx_pipeline(path, device, threads, vision)
     config = VL2Config.from_pretrained(path)  # config errors before anything heavy
     if backend == "onnx" or (backend == "auto" and _cpu_only(device) and quant is None and gpu_memory is None
                              and dtype in (None, "auto") and not (path / MANIFEST).is_file()):
@@ -196,7 +198,9 @@ def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | Non
         except ImportError as e:
             raise InputError(f"running a float checkpoint needs the PyTorch extras ({e.name} is missing): "
                              "pip install 'vl2edge[export]', or run an ONNX export directory") from None
-        return _onnx_pipeline(entry, device, threads)
+        return _onnx_pipeline(entry, device, threads, vision)
+    if vision is not None:
+        raise InputError("--vision-graph chooses among an ONNX export's graphs; the PyTorch backend has one tower")
     try:
         from .models.loading import load_model
     except ImportError as e:
@@ -219,10 +223,11 @@ def _cpu_only(device: str) -> bool:
     return not torch.cuda.is_available()
 
 
-def _onnx_pipeline(path, device: str, threads: int | None) -> Pipeline:
+def _onnx_pipeline(path, device: str, threads: int | None, vision: str | None = None) -> Pipeline:
     from .onnx_backend import OnnxModel
 
-    backend = OnnxModel(path, device=device, threads=threads)
+    backend = OnnxModel(path, device=device, threads=threads,
+                        vision=None if vision is None else {"float": "vision", "int8": "vision_int8"}[vision])
     return Pipeline(_processor(path, backend.config), backend, backend.config.language_config.max_position_embeddings)
 
 
