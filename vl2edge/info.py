@@ -8,11 +8,40 @@ from .config import VL2Config
 from .errors import InputError
 from .placement import fixed_costs, plan_sizes
 from .quant.format import QuantSpec
-from .quant.recipes import RECIPES, Recipe
+from .quant.recipes import RECIPES, Recipe, export_block_size
 
-# onnxruntime keeps MatMulNBits' prepacked copies next to the weights: 2.66 GB resident for 1.94 GB of
-# decoder weights measured on full-size Tiny int4-experts (bench/RESULTS.md, 2026-11-28)
-ORT_OVERHEAD = 2.66 / 1.94
+# What the CPU path holds per stored byte (bench/RESULTS.md, 2026-12-02, full-size Tiny int4-experts
+# export, `vl2edge run` on a 1024x768 image): the decoder session after its prefill (QMoE's packs carry
+# per-block sums beside the weights, the arena the largest chunk's activations) and the int8 vision session.
+DECODER_RESIDENT = 1.30
+VISION_RESIDENT = 0.90
+RUNTIME_BASE = 0.20 * 2**30  # python, numpy, tokenizers and onnxruntime's libraries
+
+
+def onnx_resident(config: VL2Config, recipe: str, context: int) -> dict[str, int]:
+    """What the ONNX Runtime backend holds answering with `context` positions, in bytes: `decoder` and
+    `vision` are the export's stored graphs (the embedding table is memory-mapped, only its used rows
+    resident; unquantized tensors in float32; the int8 vision graph), `kv` the float32 KV cache, and
+    `resident` the estimate of the whole process."""
+    lc = config.language_config
+    block = export_block_size(lc.hidden_size, lc.moe_intermediate_size if lc.n_routed_experts else None)
+    specs = Recipe(recipe, block_size=block).specs(config.tensor_shapes())
+    decoder = vision = 0
+    for name, shape in config.tensor_shapes().items():
+        if name.startswith("vision.attn_pool.") or name == "language.model.embed_tokens.weight":
+            continue
+        if name.startswith(("vision.", "projector.")):
+            int8 = name.startswith("vision.blocks.") and name.endswith(".weight") and len(shape) == 2
+            vision += math.prod(shape) * (1 if int8 else 4)
+        else:
+            spec: QuantSpec | None = specs.get(name)
+            if spec is not None and spec.bits == 8 and ".mlp.experts." not in name:
+                decoder += math.prod(shape) + shape[0] * 4  # int8 rows + a scale per row (export/ops.py)
+            else:
+                decoder += spec.nbytes(*shape) if spec else math.prod(shape) * 4
+    kv, _ = fixed_costs(config, context, 4)
+    resident = int(decoder * DECODER_RESIDENT + vision * VISION_RESIDENT + kv + RUNTIME_BASE)
+    return {"decoder": decoder, "vision": vision, "kv": kv, "resident": resident}
 
 
 def sizes(config: VL2Config, recipe: str | None, float_bytes: int = 2) -> dict:
@@ -67,14 +96,12 @@ def report(config: VL2Config, gpu_memory: int | None = None, ram: int | None = N
                     f"offloaded: {plan.slots}/{plan.n_experts} experts per layer on the GPU"
             except InputError:
                 gpu = "does not fit"
-        kv, work = fixed_costs(config, ctx, 4)
-        onnx = s["total"] + (s["non_expert"] - s["vision"]) if recipe else None  # float parts are fp32 in ONNX
-        need = (onnx * ORT_OVERHEAD + kv + work) if onnx else None
+        need = onnx_resident(config, recipe, ctx)["resident"] if recipe else None
         cpu = "-" if need is None else f"~{need / G:.1f} GiB" + ("" if not ram else (" fits" if need <= ram else
                                                                                        " does not fit"))
         lines.append(f"| {recipe or 'bf16'} | {s['total'] / G:.2f} | {s['per_token'] / G:.2f} | {gpu} | {cpu} |")
     lines += ["", f"GPU column: a {gpu_memory / G:.1f} GiB budget, bf16 activations, KV cache for {ctx} positions"
               if gpu_memory else "GPU column: pass --gpu-memory SIZE to plan a GPU placement",
-              "CPU column: the ONNX export's weights (float parts in float32) with onnxruntime's prepacking "
-              "overhead, the KV cache and a vision/prefill workspace (estimate)"]
+              f"CPU column: the ONNX export answering with {ctx} positions (int8 vision graph, float32 KV "
+              "cache), as measured resident per stored byte (estimate; --context sets the positions)"]
     return "\n".join(lines)
