@@ -8,8 +8,9 @@ alternating A B A B. A process loads the model, answers one image prompt with on
 one image size), then a text prompt with 1 and with N+1 new tokens (decode tok/s = N / (t(N+1) - t(1)))
 and reports its peak RSS. `letter` is a 144-dpi US Letter page (1224x1584, ten tiles), the document
 case. vl2edge runs what `vl2edge run --model CKPT` runs on a CPU (the cached int4-experts ONNX export;
-build it once beforehand, or pass an export as --proj-model). Prints medians, the spread (min-max)
-and the ratios vl2edge/official. Only a quiet machine gives numbers worth reporting.
+build it once beforehand, or pass an export as --proj-model; --proj-vision float,int8 measures each vision
+graph as a side of its own). Prints medians, the spread (min-max) and the ratios vl2edge/official.
+Only a quiet machine gives numbers worth reporting.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"384x384": (384, 384), "1024x768": (1024, 768), "letter": (1224, 1584)}
 
-# One measurement, run by either side's interpreter: argv = side model width height new_tokens.
+# One measurement, run by either side's interpreter: argv = side model width height new_tokens [vision graph].
 CHILD = r'''
 import json, os, resource, sys, time
 side, model, w, h, new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+vision = sys.argv[6] if len(sys.argv) > 6 and sys.argv[6] != "-" else None
 from PIL import Image, ImageDraw
 page = Image.new("RGB", (w, h), "white")
 draw = ImageDraw.Draw(page)
@@ -61,7 +63,7 @@ if side == "official":
 else:
     import vl2edge
     from vl2edge.generate import generate
-    pipe = vl2edge.load(model)
+    pipe = vl2edge.load(model, vision=vision)
 
     def answer(conversation, images, k):  # exactly k tokens, as min_new_tokens makes the official side do
         inputs = pipe.processor(conversation, images)
@@ -78,8 +80,9 @@ print("RESULT " + json.dumps({"load_s": load_s, "ttft_s": ttft, "decode_tok_s": 
 '''
 
 
-def measure(python: str, side: str, model: str, size: tuple[int, int], new: int, env: dict) -> dict:
-    r = subprocess.run([python, "-c", CHILD, side, model, str(size[0]), str(size[1]), str(new)],
+def measure(python: str, side: str, model: str, size: tuple[int, int], new: int, env: dict,
+            vision: str | None = None) -> dict:
+    r = subprocess.run([python, "-c", CHILD, side, model, str(size[0]), str(size[1]), str(new), vision or "-"],
                        capture_output=True, text=True, env=env, cwd=ROOT)
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     if r.returncode or line is None:
@@ -99,37 +102,45 @@ def main() -> None:
                     help="the official sources (deepseek-ai/DeepSeek-VL2 at ef9f91e)")
     ap.add_argument("--proj-python", default=sys.executable)
     ap.add_argument("--proj-model", default=None, help="what vl2edge loads (default: --ckpt, i.e. the CPU default)")
+    ap.add_argument("--proj-vision", default="default",
+                    help="vl2edge's vision graphs to measure, comma-separated: default (the export's own choice), "
+                         "float, int8; each is a side of its own")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--sizes", default="384x384,1024x768,letter")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "cpu_compare.json"))
     a = ap.parse_args()
-    sides = {"official": (a.ref_python, a.ckpt, {**os.environ, "PYTHONPATH": a.ref_src}),
-             "vl2edge": (a.proj_python, a.proj_model or a.ckpt, dict(os.environ))}
+    sides = {"official": (a.ref_python, a.ckpt, {**os.environ, "PYTHONPATH": a.ref_src}, None)}
+    for v in a.proj_vision.split(","):
+        name = "vl2edge" if v == "default" else f"vl2edge {v} vision"
+        sides[name] = (a.proj_python, a.proj_model or a.ckpt, dict(os.environ), None if v == "default" else v)
     rows: dict[tuple[str, str], list[dict]] = {}
     for size in a.sizes.split(","):
         for rep in range(a.reps):
-            for side, (python, model, env) in sides.items():  # A B A B
-                r = measure(python, side, model, SIZES[size], a.new, env)
+            for side, (python, model, env, vision) in sides.items():  # A B A B
+                r = measure(python, "official" if side == "official" else "vl2edge", model, SIZES[size], a.new, env,
+                            vision)
                 rows.setdefault((side, size), []).append(r)
                 print(json.dumps({"side": side, "size": size, "rep": rep, **r}), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps([{"side": s, "size": z, "runs": v} for (s, z), v in rows.items()], indent=1))
-    print("\n| size | side | TTFT s | decode tok/s | peak RSS GB | load s |")
+    print("\n| size | side | TTFT s | decode tok/s | peak RSS GiB | load s |")
     print("|---|---|---|---|---|---|")
     for (side, size), runs in rows.items():
         print(f"| {size} | {side} | " + " | ".join(summary([r[k] for r in runs]) for k in
                                                   ("ttft_s", "decode_tok_s", "peak_rss_gb", "load_s")) + " |")
-    print("\n| size | TTFT official/vl2edge | decode vl2edge/official | RSS vl2edge/official |")
-    print("|---|---|---|---|")
-    for size in a.sizes.split(","):
-        o, v = rows["official", size], rows["vl2edge", size]
+    print("\n| size | side | TTFT official/vl2edge | decode vl2edge/official | RSS vl2edge/official |")
+    print("|---|---|---|---|---|")
 
-        def med(runs, k):
-            return statistics.median(r[k] for r in runs)
-        print(f"| {size} | {med(o, 'ttft_s') / med(v, 'ttft_s'):.2f}x | "
-              f"{med(v, 'decode_tok_s') / med(o, 'decode_tok_s'):.2f}x | "
-              f"{med(v, 'peak_rss_gb') / med(o, 'peak_rss_gb'):.2f} |")
+    def med(runs, k):
+        return statistics.median(r[k] for r in runs)
+    for size in a.sizes.split(","):
+        o = rows["official", size]
+        for side in (s for s in sides if s != "official"):
+            v = rows[side, size]
+            print(f"| {size} | {side} | {med(o, 'ttft_s') / med(v, 'ttft_s'):.2f}x | "
+                  f"{med(v, 'decode_tok_s') / med(o, 'decode_tok_s'):.2f}x | "
+                  f"{med(v, 'peak_rss_gb') / med(o, 'peak_rss_gb'):.2f} |")
 
 
 if __name__ == "__main__":
