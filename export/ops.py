@@ -4,8 +4,8 @@
 only, each module for a twin with the same weights whose forward traces to the op ORT runs fastest:
 
     QLinear, 8-bit     -> int8 per-output-channel weights, activations quantized per token at run time,
-                          MatMulInteger u8s8 (the matrix-unit path: AMX on recent Xeons, ~8x MatMulNBits
-                          on a 1432-token prefill, as fast at one token; bench/RESULTS.md)
+                          MatMulInteger u8s8 (the matrix-unit path: AMX on recent Xeons; with its per-token
+                          chain ~3x MatMulNBits on a 1432-token prefill, as fast at one token; RESULTS.md)
     QLinear, 4-bit     -> com.microsoft MatMulNBits (accuracy_level 4 by default: int8 activations)
     MoE (packed)       -> com.microsoft QMoE over the active experts, routing equal to DeepSeek's via
                           `router_weights` (softmax without renormalisation; noaux_tc: sigmoid, bias for
