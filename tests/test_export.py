@@ -252,3 +252,31 @@ def test_info_sizes_the_cpu_path_from_what_the_export_writes(exports):
     assert est["resident"] > est["decoder"] + est["vision"] * 0.9 + est["kv"]
     longer = onnx_resident(config, "int4-experts", 1000)
     assert longer["kv"] == 10 * est["kv"] and longer["resident"] - est["resident"] == longer["kv"] - est["kv"]
+
+
+def test_widths_that_allow_it_export_at_block_64_through_qmoe(tmp_path):
+    """The full-size default (block 64, QMoE) on a model small enough for the test run: hidden 128,
+    expert width 64. The fixtures' widths (32) keep block 32, so this is where block-64 QMoE is checked."""
+    from vl2edge.config import VL2Config
+    from vl2edge.presets import preset
+    from vl2edge.quant.recipes import Recipe
+    from vl2edge.synthetic import write_model
+
+    d = preset("test-mha").to_dict()
+    lm = d["language_config"]
+    lm.update(hidden_size=128, moe_intermediate_size=64, intermediate_size=192, num_attention_heads=4,
+              num_key_value_heads=4)
+    d["projector_config"]["n_embed"] = 128
+    src = write_model(VL2Config.from_dict(d), tmp_path / "m", seed=3)
+    out = export(src, tmp_path / "onnx", "int4-experts", vision="float", progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["recipe"]["block_size"] == 64 and m["moe"] == "QMoE"
+    assert "MatMulInteger" in m["graphs"]["decoder"]["linears_8bit"]
+    tm = load_model(src, dtype="float32", device="cpu", quant=Recipe("int4-experts", block_size=64),
+                    kernel="dequant").model
+    om = OnnxModel(out)
+    ids, _, images, seq_mask, crop = golden.model_args("square_384")
+    e = tm.embed(ids, images, seq_mask, crop)
+    ref = np.concatenate(_chunked(tm, e, e.shape[1], 64, [3, 4]))
+    got = np.concatenate(_chunked(om, e.numpy(), e.shape[1], 64, [3, 4]))
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 3e-2
