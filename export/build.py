@@ -154,7 +154,7 @@ def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: st
     step("load + quantize")
     if block_size is None:
         lc = VL2Config.from_pretrained(src).language_config
-        block_size = export_block_size(lc.hidden_size, lc.moe_intermediate_size if lc.n_routed_experts else None)
+        block_size = export_block_size(lc.hidden_size, lc.expert_width)
     quant = None if recipe == "float32" else Recipe(recipe, block_size=block_size)
     model = load_model(src, dtype="float32", device="cpu", quant=quant, kernel="dequant").model
     config: VL2Config = model.config

@@ -250,6 +250,11 @@ class LanguageConfig:
         """MLA query/key head width: nope + rope."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
+    @property
+    def expert_width(self) -> int | None:
+        """A routed expert's intermediate width; None without routed experts."""
+        return self.moe_intermediate_size if self.n_routed_experts else None
+
     def is_moe_layer(self, i: int) -> bool:
         return (self.n_routed_experts is not None and i >= self.first_k_dense_replace
                 and i % self.moe_layer_freq == 0)

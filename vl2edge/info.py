@@ -24,7 +24,7 @@ def onnx_resident(config: VL2Config, recipe: str, context: int) -> dict[str, int
     resident; unquantized tensors in float32; the int8 vision graph), `kv` the float32 KV cache, and
     `resident` the estimate of the whole process."""
     lc = config.language_config
-    block = export_block_size(lc.hidden_size, lc.moe_intermediate_size if lc.n_routed_experts else None)
+    block = export_block_size(lc.hidden_size, lc.expert_width)
     specs = Recipe(recipe, block_size=block).specs(config.tensor_shapes())
     decoder = vision = 0
     for name, shape in config.tensor_shapes().items():
