@@ -226,6 +226,8 @@ def _cpu_only(device: str) -> bool:
 def _onnx_pipeline(path, device: str, threads: int | None, vision: str | None = None) -> Pipeline:
     from .onnx_backend import OnnxModel
 
+    if vision not in (None, "float", "int8"):
+        raise InputError(f"vision must be float or int8, got {vision!r}")
     backend = OnnxModel(path, device=device, threads=threads,
                         vision=None if vision is None else {"float": "vision", "int8": "vision_int8"}[vision])
     return Pipeline(_processor(path, backend.config), backend, backend.config.language_config.max_position_embeddings)
