@@ -232,6 +232,17 @@ class QuantExperts(Experts):
                 stack.release()
         self.kernel = chosen
 
+    def gathered_weights(self, idx: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The experts `idx` [P] dequantized (dequant kernel) or gathered (dense); the CPU int4 kernel holds
+        one opaque weight per expert, which only a host-side index can pick."""
+        if self.kernel == "dense":
+            assert self._w is not None  # laid out by prepare()
+            return [w[idx].to(dtype) for w in self._w]
+        if self.kernel != "dequant":
+            raise NotImplementedError(f"the {self.kernel!r} expert kernel has no sync-free decode path")
+        return self.stacked_weights({f"{p}.{k}": t[idx] for p in PROJECTIONS
+                                     for k, t in self.stack(p).tensors().items()}, dtype)
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "int4pack":
             assert self._w is not None  # laid out by prepare()

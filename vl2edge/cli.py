@@ -41,7 +41,7 @@ def _load(a):
     from .pipeline import load
 
     pipe = load(a.model, device=a.device, dtype=a.dtype, gpu_memory=a.gpu_memory, quant=a.quant, backend=a.backend,
-                vision=a.vision_graph)
+                vision=a.vision_graph, graph=not a.no_graph)
     if pipe.plan is not None and not getattr(a, "json", False):
         print(pipe.plan, file=sys.stderr)
     return pipe
@@ -320,6 +320,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--gpu-memory", metavar="SIZE", default=None,
                        help="device memory budget, e.g. 6GiB: plan the placement and stream the routed experts "
                             "that do not fit from CPU memory (PyTorch backend)")
+        p.add_argument("--no-graph", action="store_true",
+                       help="CUDA: run the static decode step eagerly instead of replaying it as a CUDA graph")
 
     def gen_args(p, max_new=512):
         p.add_argument("--max-new-tokens", type=int, default=max_new)

@@ -158,7 +158,7 @@ BACKENDS = ("auto", "torch", "onnx")
 
 def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | None = None,
          threads: int | None = None, gpu_memory=None, backend: str | None = None,
-         vision: str | None = None) -> Pipeline:
+         vision: str | None = None, graph: bool = True) -> Pipeline:
     """A ready pipeline for a model directory or Hugging Face id.
 
     An ONNX export (`vl2edge export`, has manifest.json) runs on ONNX Runtime without torch (`threads`
@@ -170,7 +170,9 @@ def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | Non
     loads as such on the PyTorch backend; `quant="int4-experts"` (or `int8`, `int4`) quantizes a float
     checkpoint while loading, without writing files. `gpu_memory` ("6GiB") plans the device placement
     and offloads the routed experts that do not fit (see `vl2edge.models.loading.load_model`). `vision`
-    ("float" or "int8", ONNX backend): the vision graph to run instead of the export's default.
+    ("float" or "int8", ONNX backend): the vision graph to run instead of the export's default. On CUDA the
+    PyTorch model decodes through the static decode step (`vl2edge.models.decode_step`), replayed as a CUDA
+    graph; `graph=False` runs that step eagerly.
     """
     from .artifact import is_onnx_dir
     from .hub import resolve
@@ -208,7 +210,12 @@ def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | Non
             from None
     processor = _processor(path, config)
     model, plan = load_model(path, dtype=dtype, device=device, quant=quant, gpu_memory=gpu_memory)
-    return Pipeline(processor, model, model.config.language_config.max_position_embeddings, plan)
+    limit = model.config.language_config.max_position_embeddings
+    if model.device.type == "cuda":
+        from .models.decode_step import StaticDecoder
+
+        return Pipeline(processor, StaticDecoder(model, graph=graph), limit, plan)
+    return Pipeline(processor, model, limit, plan)
 
 
 def _cpu_only(device: str) -> bool:

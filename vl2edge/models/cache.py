@@ -8,6 +8,9 @@ RoPE position of each row.
 
 `Cache` is the protocol the attention modules write through: `KVCache` here at run time, and
 `vl2edge.export.graphs.GraphCache` (explicit past inputs, present outputs) while tracing the ONNX graph.
+`KVCache`'s `*_at` methods are the static decode step's: one position written at a device-tensor index,
+attention over every allocated position (`vl2edge.models.decode_step.StepCache` exposes them as a
+`Cache`); nothing there reads a device value on the host.
 """
 
 from __future__ import annotations
@@ -86,6 +89,35 @@ class KVCache:
 
     def commit(self, T: int) -> None:
         self.length += T
+
+    def reset(self) -> None:
+        """Empty the cache for a new generation (the buffers, and so any captured graph, stay)."""
+        self.length = 0
+        self.key_mask.zero_()
+        self.positions.zero_()
+
+    def begin_at(self, cursor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Open one position per row at index `cursor` [1] (a device tensor): (position_ids [B, 1],
+        attention mask [B, 1, 1, max_len]). Positions never opened stay unmarked, so attending over the
+        whole allocation is the same function as attending over the positions so far."""
+        self.key_mask.index_fill_(1, cursor, True)
+        pos = self.positions[:, None].clone()
+        self.positions.add_(1)
+        return pos, self.key_mask[:, None, None, :]
+
+    def write_kv_at(self, layer: int, cursor: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MHA: store k, v [B, KV, 1, hd] at index `cursor`; return the whole allocation [B, KV, max_len, hd]."""
+        assert self.k is not None and self.v is not None  # an MHA cache
+        self.k[layer].index_copy_(2, cursor, k)
+        self.v[layer].index_copy_(2, cursor, v)
+        return self.k[layer], self.v[layer]
+
+    def write_latent_at(self, layer: int, cursor: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """MLA: store latent [B, 1, C] at index `cursor`; return the whole allocation [B, max_len, C]."""
+        assert self.latent is not None  # an MLA cache
+        self.latent[layer].index_copy_(1, cursor, latent)
+        return self.latent[layer]
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MHA: store k, v [B, KV, T, hd] at the open positions; return all keys/values so far."""

@@ -12,6 +12,11 @@ Two dispatch paths, neither of which copies expert weights: decode (few tokens) 
 active expert once on its rows. Outputs are combined as the reference's `moe_infer` does: per-slot
 outputs weighted and summed in float32, slot order.
 
+A third path, `forward_static`, serves the static decode step (`vl2edge.models.decode_step`): no
+host synchronisation and static shapes, the expert ids staying a device tensor. It gathers each
+(token, slot)'s weights by index (`gathered_weights`; a copy, fine for a graph-captured step) and
+runs them as batched matmuls; implementations with a kernel that reads weights in place override it.
+
 Dimension legend: T tokens, D hidden, I expert intermediate, A top-k slots per token, E experts.
 """
 
@@ -32,6 +37,12 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
+def combine(slots: torch.Tensor, topk_w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-slot outputs [T*A, D] -> [T, D]: weighted sum in float32, in top-k slot order, then `dtype`."""
+    T, A = topk_w.shape
+    return (slots.view(T, A, -1).float() * topk_w.unsqueeze(-1)).sum(dim=1).to(dtype)
+
+
 class Experts(nn.Module):
     """Base class: subclasses provide `expert_tensors(e)` (and may override `expert`); dispatch,
     combine and the math of one expert from its tensors live here."""
@@ -45,11 +56,23 @@ class Experts(nn.Module):
 
     def compute_weights(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
         """[gate [I, D], up [I, D], down [D, I]] in `dtype` from expert tensors (dequantized if packed)."""
+        return [w[0] for w in self.stacked_weights({k: t[None] for k, t in tensors.items()}, dtype)]
+
+    def stacked_weights(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+        """`compute_weights` for P experts at once: tensors named as `expert_tensors` names them, each with
+        a leading [P] axis -> [gate [P, I, D], up [P, I, D], down [P, D, I]] in `dtype`."""
         if self.spec is None:
             return [tensors[p].to(dtype) for p in PROJECTIONS]
         K = {"gate_proj": self.hidden, "up_proj": self.hidden, "down_proj": self.inter}
-        return [dequantize(self.spec, tensors[f"{p}.qweight"], tensors[f"{p}.scales"], tensors.get(f"{p}.qzeros"),
-                           K=K[p]).to(dtype) for p in PROJECTIONS]
+        out = []
+        for p in PROJECTIONS:
+            q, s, z = (tensors.get(f"{p}.{k}") for k in ("qweight", "scales", "qzeros"))
+            assert q is not None and s is not None  # packed experts name their tensors so
+            P, N = q.shape[:2]                         # [P, N, ...] -> [P*N, ...]: dequantize takes rows
+            w = dequantize(self.spec, q.flatten(0, 1), s.flatten(0, 1), None if z is None else z.flatten(0, 1),
+                           K=K[p])
+            out.append(w.view(P, N, K[p]).to(dtype))
+        return out
 
     def compute(self, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """One expert on rows x [t, D] from its tensors (as `expert_tensors` returns them, on x's device)."""
@@ -67,8 +90,19 @@ class Experts(nn.Module):
             slots = self._per_pair(x, topk_idx)
         else:
             slots = self._grouped(x, topk_idx)
-        # [T*A, D] -> [T, A, D]; weighted sum in fp32, in top-k slot order, then back to the activation dtype
-        return (slots.view(T, A, -1).float() * topk_w.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+        return combine(slots, topk_w, x.dtype)
+
+    def gathered_weights(self, idx: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """[gate [P, I, D], up [P, I, D], down [P, D, I]] of the experts `idx` [P] (a device tensor)."""
+        raise NotImplementedError(f"{type(self).__name__} has no sync-free decode path")
+
+    def forward_static(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """`forward` without host synchronisation (the ids are never read on the host): P = T*A pairs."""
+        A = topk_idx.shape[1]
+        gate, up, down = self.gathered_weights(topk_idx.reshape(-1), x.dtype)
+        xr = x.repeat_interleave(A, dim=0)[:, :, None]                  # [P, D, 1]
+        h = F.silu(torch.bmm(gate, xr)) * torch.bmm(up, xr)             # [P, I, 1]
+        return combine(torch.bmm(down, h)[..., 0], topk_w, x.dtype)
 
     def _per_pair(self, x: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
         rows = [self.expert(e, x[t:t + 1]) for t, ids in enumerate(topk_idx.tolist()) for e in ids]
@@ -115,3 +149,6 @@ class DenseExperts(Experts):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return swiglu(x, self.gate_proj[e], self.up_proj[e], self.down_proj[e])
+
+    def gathered_weights(self, idx: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        return [t[idx].to(dtype) for t in self.stacks().values()]

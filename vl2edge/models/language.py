@@ -213,11 +213,12 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
                                if c.n_shared_experts is not None else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, static: bool = False) -> torch.Tensor:
+        """static: the sync-free expert path of the static decode step (`Experts.forward_static`)."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         idx, w = self.gate(flat)
-        y = self.experts(flat, idx, w).view(B, T, D)
+        y = (self.experts.forward_static(flat, idx, w) if static else self.experts(flat, idx, w)).view(B, T, D)
         return y + self.shared_experts(x) if self.shared_experts is not None else y
 
 
@@ -229,9 +230,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, h, positions, mask, cache):
+    def forward(self, h, positions, mask, cache, static: bool = False):
         h = h + self.self_attn(self.input_layernorm(h), positions, mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        x = self.post_attention_layernorm(h)
+        return h + (self.mlp(x, static) if isinstance(self.mlp, MoE) else self.mlp(x))
 
 
 class DeepseekModel(nn.Module):
@@ -255,14 +257,15 @@ class LanguageModel(nn.Module):
         return self.model.embed_tokens(token_ids)
 
     def forward(self, embeds: torch.Tensor, cache: Cache, attention_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, static: bool = False) -> torch.Tensor:
         """Run T new positions [B, T, D] through the layers, appending to `cache`; float32 logits
-        [B, T, V] (or [B, V] for the last position with `last_only`)."""
+        [B, T, V] (or [B, V] for the last position with `last_only`). `static`: experts without host
+        synchronisation (the static decode step)."""
         T = embeds.shape[1]
         positions, mask = cache.begin(attention_mask, T)
         h = embeds
         for layer in self.model.layers:
-            h = layer(h, positions, mask, cache)
+            h = layer(h, positions, mask, cache, static)
         cache.commit(T)
         h = self.model.norm(h[:, -1] if last_only else h)
         return self.lm_head(h).float()
