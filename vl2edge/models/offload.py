@@ -12,6 +12,16 @@ class's `compute`), so the router and the rest of the model do not change and ev
 exactly as resident (same bytes, same math).
 Counters: hits, misses, prefetches and how many were used, bytes copied, stall time, CPU fallbacks.
 
+The static decode step (`vl2edge.models.decode_step`) reads the slots through a device-side table
+(expert -> slot, -1 when not resident) and never asks the host: a resident expert is read from its slot,
+any other in place from the store (pinned host memory, read over the bus by the CUDA kernel; on the CPU a
+gather). The step also counts each expert's routings on the device; between tokens `rebalance` reads those
+counts (with the logits, one synchronisation per token), lets the hot-set policy (`hot_set.HotSet`:
+routing frequency with decay and recency, or LRU) pick which experts to copy into slots, and copies them
+on the side stream. Table writes are ordered so that a step never reads a slot being overwritten: an
+evicted expert's entry is cleared on the compute stream before the copy, which waits for it, and a new
+entry is set on the copy stream after its copy.
+
 `offload(model, device, slots)` swaps every MoE layer's experts; an offloaded model is re-planned
 from its stores without repacking.
 """
@@ -28,6 +38,7 @@ import torch
 from vl2edge.placement import Plan, plan_sizes
 
 from .experts import Experts
+from .hot_set import HotSet
 from .language import MoE, MoEGate
 from .model import VL2Model
 from .swap import swap_modules
@@ -71,10 +82,15 @@ class Layout:
             out[off:off + t.numel() * t.element_size()].copy_(t.contiguous().view(-1).view(torch.uint8))
 
     def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One blob [nbytes] -> its tensors (views)."""
+        return {name: t[0] for name, t in self.stacked_views(buf[None]).items()}
+
+    def stacked_views(self, bufs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Blobs [n, nbytes] -> each tensor of every blob, [n, *shape] (strided views, nothing copied)."""
         out = {}
         for name, (off, dtype, shape) in self.items.items():
             n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-            out[name] = buf[off:off + n].view(dtype).view(shape)
+            out[name] = bufs[:, off:off + n].view(dtype).view(bufs.shape[0], *shape)
         return out
 
 
@@ -119,7 +135,7 @@ class OffloadedExperts(Experts):
     """The experts of one MoE layer, stored as CPU blobs, computed from device slots."""
 
     def __init__(self, store: ExpertStore, n_slots: int, device, cost: CostModel | None = None,
-                 prefetch: Prefetch | None = None):
+                 prefetch: Prefetch | None = None, policy: str = "lfru"):
         super().__init__(store.n_experts, store.hidden, store.inter, store.spec)
         self.store, self.layout, self.device = store, store.layout, torch.device(device)
         self.n_slots = max(0, min(n_slots, self.n_experts))
@@ -133,6 +149,9 @@ class OffloadedExperts(Experts):
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.ready: dict[int, torch.cuda.Event] = {}  # expert -> CUDA event of its copy
         self.next = prefetch
+        self.table = torch.full((self.n_experts,), -1, dtype=torch.long, device=self.device)  # expert -> slot
+        self.counts = torch.zeros(self.n_experts, dtype=torch.float32, device=self.device)  # static-step routings
+        self.hot = HotSet(self.n_experts, self.n_slots, policy)
 
     # -- slot management --------------------------------------------------------------------------------
 
@@ -156,18 +175,24 @@ class OffloadedExperts(Experts):
         slot = self.lru.pop(e)
         self.pending.discard(e)
         self.ready.pop(e, None)
+        self.table[e] = -1  # on the compute stream: later steps read e from the store
         return slot
 
     def _load(self, e: int, slot: int) -> None:
         src = self.store.blobs[e]
         if self.stream is not None:
+            # the copy waits for the compute stream's work so far: steps still reading this slot's previous
+            # expert, and the table write that retired it
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
                 self.slots[slot].copy_(src, non_blocking=True)
+                self.table[e] = slot
                 ev = torch.cuda.Event()
                 ev.record(self.stream)
             self.ready[e] = ev
         else:
             self.slots[slot].copy_(src)
+            self.table[e] = slot
         self.stats.bytes_copied += self.layout.nbytes
         self.lru[e] = slot
 
@@ -224,6 +249,47 @@ class OffloadedExperts(Experts):
         self.needed = set(topk_idx.reshape(-1).tolist())
         return super().forward(x, topk_idx, topk_w)
 
+    # -- the static decode step ------------------------------------------------------------------------
+
+    def forward_static(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """Sync-free: residents from their slots by the table, the rest in place from the store."""
+        flat = topk_idx.reshape(-1)
+        self.counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
+        if x.is_cuda:
+            from vl2edge.kernels.moe import moe_offloaded
+
+            return moe_offloaded(x, topk_idx, topk_w, self.table, self.layout.stacked_views(self.slots),
+                                 self.layout.stacked_views(self.store.blobs), self.spec)
+        return super().forward_static(x, topk_idx, topk_w)
+
+    def gathered_weights(self, idx: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """(CPU) each pair's tensors from its slot when the table has one, else from the store."""
+        host = {k: t[idx] for k, t in self.layout.stacked_views(self.store.blobs).items()}
+        if self.n_slots:
+            slot = self.table[idx]
+            hit = slot >= 0
+            slots = self.layout.stacked_views(self.slots)
+            host = {k: torch.where(hit.view(-1, *[1] * (t.dim() - 1)), slots[k][slot.clamp(min=0)], t)
+                    for k, t in host.items()}
+        return self.stacked_weights(host, dtype)
+
+    def clear_counts(self) -> None:
+        self.counts.zero_()
+
+    def rebalance(self, counts) -> None:
+        """After a static step, with its routing counts [E] (numpy, read by the caller with the logits):
+        count hits (routings the table served from a slot) and misses, then copy in what the hot set admits."""
+        live = [e for e in self.lru if e not in self.ready or self.ready[e].query()]
+        served = float(counts[live].sum()) if live else 0.0
+        self.stats.hits += int(served)
+        self.stats.misses += int(counts.sum() - served)
+        self.clear_counts()
+        self.hot.sync(set(self.lru))
+        admit, evict = self.hot.observe(counts)
+        for i, e in enumerate(admit):
+            slot = self.evict(evict[i]) if i < len(evict) else self.free.pop()
+            self._load(e, slot)
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         if e not in self.lru and self.cost.cpu_faster(self.layout.nbytes, rows, 6 * self.hidden * self.inter):
@@ -261,7 +327,7 @@ def plan_placement(model: VL2Model, budget: int, context: int) -> Plan:
 
 
 def offload(model: VL2Model, device, slots: int, cost: CostModel | None = None, pin: bool | None = None,
-            prefetch: bool = True, kind: type[OffloadedExperts] = OffloadedExperts) -> VL2Model:
+            prefetch: bool = True, kind: type[OffloadedExperts] = OffloadedExperts, policy: str = "lfru") -> VL2Model:
     """Replace every MoE layer's experts by `kind` (OffloadedExperts) with `slots` device slots each on
     `device`, chained for next-layer prefetch, and move everything else to `device`. The model must be
     on the CPU; an offloaded model is re-planned from its stores."""
@@ -271,7 +337,7 @@ def offload(model: VL2Model, device, slots: int, cost: CostModel | None = None, 
     replaced: dict[int, OffloadedExperts] = {}
     nxt: Prefetch | None = None
     for moe, store in zip(reversed(moes), reversed(stores)):
-        off = kind(store, slots, device, cost, nxt if prefetch else None)
+        off = kind(store, slots, device, cost, nxt if prefetch else None, policy)
         replaced[id(moe.experts)] = off
         nxt = Prefetch(off, moe.gate)
     swap_modules(model, lambda name, m: replaced.get(id(m)))
