@@ -7,8 +7,9 @@ empty buffers, which the loader then assigns), `QLinear.from_packed(...)` wraps 
 Each picks a kernel once the weights are in place (`prepare`, see `kernel_for`): on the CPU 4-bit runs
 on torch's int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`, bf16 activations) and 8-bit is
 widened once to the compute dtype (torch has no block-wise int8 kernel and per-call dequantization is
-3-4x slower than a float matmul here, bench/RESULTS.md); on CUDA weights stay packed and are
-dequantized per call.
+3-4x slower than a float matmul here, bench/RESULTS.md); on CUDA weights stay packed: decode-sized
+calls run Triton kernels that read them in place (`vl2edge.kernels`: a QLinear's GEMV up to DECODE_ROWS
+rows, the experts' MoE kernel in the static decode step), longer ones dequantize per call.
 
 Dimension legend: N output features, K input features, E experts, D hidden, I expert intermediate.
 """
@@ -26,6 +27,7 @@ from .format import QuantSpec, dequantize, unpack, zero_points
 from .quantizers import quantize
 
 Packed = dict[str, torch.Tensor]  # suffix (qweight, scales[, qzeros]) -> tensor
+DECODE_ROWS = 16  # CUDA: rows up to which a QLinear runs the in-place Triton GEMV instead of dequantizing
 
 
 def quantize_tensor(w: torch.Tensor, spec: QuantSpec) -> Packed:
@@ -152,6 +154,12 @@ class QLinear(nn.Module):
             y = _int4_mm(x.reshape(-1, self.in_features), self._int4, self.spec.block_size)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
+        if self.kernel == "dequant" and x.is_cuda and x.numel() <= DECODE_ROWS * self.in_features:
+            from vl2edge.kernels.linear import qlinear  # decode rows: read the packed weight in place
+
+            p = self.packed()
+            y = qlinear(x, p["qweight"], p["scales"], p.get("qzeros"), self.spec)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         return F.linear(x, self.weight.to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
@@ -231,6 +239,14 @@ class QuantExperts(Experts):
             for stack in (g, u, d):
                 stack.release()
         self.kernel = chosen
+
+    def kernel_stacks(self) -> tuple[dict[str, torch.Tensor], QuantSpec | None] | None:
+        if self.kernel == "dense":
+            assert self._w is not None  # laid out by prepare()
+            return dict(zip(PROJECTIONS, self._w)), None
+        if self.kernel != "dequant":
+            return None
+        return {f"{p}.{k}": t for p in PROJECTIONS for k, t in self.stack(p).tensors().items()}, self.spec
 
     def gathered_weights(self, idx: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
         """The experts `idx` [P] dequantized (dequant kernel) or gathered (dense); the CPU int4 kernel holds

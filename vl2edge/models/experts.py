@@ -96,8 +96,20 @@ class Experts(nn.Module):
         """[gate [P, I, D], up [P, I, D], down [P, D, I]] of the experts `idx` [P] (a device tensor)."""
         raise NotImplementedError(f"{type(self).__name__} has no sync-free decode path")
 
+    def kernel_stacks(self) -> tuple[dict[str, torch.Tensor], QuantSpec | None] | None:
+        """Every expert's tensors as [E, ...] stacks named as `expert_tensors` names them, and their format,
+        for the Triton kernel that reads them in place (None: this layout has none)."""
+        return None
+
     def forward_static(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
-        """`forward` without host synchronisation (the ids are never read on the host): P = T*A pairs."""
+        """`forward` without host synchronisation (the ids are never read on the host): on CUDA the Triton
+        kernel over the weights in place, else gathered weights in batched matmuls. P = T*A pairs."""
+        stacks = self.kernel_stacks() if x.is_cuda else None
+        if stacks is not None:
+            from vl2edge.kernels.moe import moe_experts, projection_weights
+
+            kg, ku, kd = projection_weights(*stacks)
+            return moe_experts(x, topk_idx, topk_w, kg, ku, kd, stacks[1])
         A = topk_idx.shape[1]
         gate, up, down = self.gathered_weights(topk_idx.reshape(-1), x.dtype)
         xr = x.repeat_interleave(A, dim=0)[:, :, None]                  # [P, D, 1]
@@ -152,3 +164,6 @@ class DenseExperts(Experts):
 
     def gathered_weights(self, idx: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
         return [t[idx].to(dtype) for t in self.stacks().values()]
+
+    def kernel_stacks(self) -> tuple[dict[str, torch.Tensor], QuantSpec | None] | None:
+        return self.stacks(), None
