@@ -22,16 +22,21 @@ import numpy as np
 from vl2edge.artifact import read_manifest
 
 
+def kernel_events(trace: Path) -> list[dict]:
+    """The profiler's per-node kernel events (name, op_name, provider, dur in µs)."""
+    return [ev for ev in json.loads(trace.read_text())
+            if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time")]
+
+
 def summarise(trace: Path) -> tuple[dict, dict]:
     by_op, by_node = defaultdict(float), defaultdict(float)
-    for ev in json.loads(trace.read_text()):
-        if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
-            by_op[ev["args"]["op_name"]] += ev["dur"] / 1e6
-            by_node[ev["name"][:-len("_kernel_time")]] += ev["dur"] / 1e6
+    for ev in kernel_events(trace):
+        by_op[ev["args"]["op_name"]] += ev["dur"] / 1e6
+        by_node[ev["name"][:-len("_kernel_time")]] += ev["dur"] / 1e6
     return dict(by_op), dict(by_node)
 
 
-def session(path: Path, threads: int, profile_dir: str | None):
+def session(path: Path, threads: int, profile_dir: str | None, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
     import onnxruntime as ort
 
     o = ort.SessionOptions()
@@ -40,7 +45,7 @@ def session(path: Path, threads: int, profile_dir: str | None):
     if profile_dir:
         o.enable_profiling = True
         o.profile_file_prefix = os.path.join(profile_dir, "p")
-    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), o, providers=list(providers))
 
 
 def decoder_feeds(root: Path, T: int) -> dict:
