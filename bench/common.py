@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from vl2edge.generate import prefill
 
 
@@ -34,3 +36,25 @@ def decode_rate(model, tok, cache, n: int, device=None) -> float:
         tok = model.decode(tok, cache).argmax(-1)
     sync(device)
     return (n - 1) / (time.perf_counter() - t0)
+
+
+class SkewedRouting:
+    """Synthetic routing with the skew real MoE traffic shows: Zipf over experts (a random permutation of
+    ranks), and each of the previous token's experts kept with probability `reuse`."""
+
+    def __init__(self, n_experts: int, k: int, reuse: float = 0.6, zipf: float = 1.1, seed: int = 0):
+        self.k, self.reuse, self.rng = k, reuse, np.random.default_rng(seed)
+        p = 1.0 / np.arange(1, n_experts + 1) ** zipf
+        self.p = p / p.sum()
+        self.perm = self.rng.permutation(n_experts)
+        self.prev: list[int] = []
+
+    def next(self) -> list[int]:
+        """The next token's k distinct experts."""
+        keep = [e for e in self.prev if self.rng.random() < self.reuse]
+        while len(keep) < self.k:
+            e = int(self.perm[self.rng.choice(len(self.p), p=self.p)])
+            if e not in keep:
+                keep.append(e)
+        self.prev = keep
+        return keep

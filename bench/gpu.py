@@ -33,13 +33,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import decode_rate, first_token  # noqa: E402
+from bench.common import SkewedRouting, decode_rate, first_token  # noqa: E402
 from vl2edge.generate import Backend  # noqa: E402
 from vl2edge.models.decode_step import StaticDecoder  # noqa: E402
 from vl2edge.models.experts import DenseExperts  # noqa: E402
@@ -82,30 +81,16 @@ class CopyOnDemand(OffloadedExperts):
 
 
 class TraceGate(torch.nn.Module):
-    """Replaces a router with skewed synthetic routing: Zipf over experts, reuse of the previous token's."""
+    """Replaces a router with skewed synthetic routing (bench.common.SkewedRouting)."""
 
     def __init__(self, gate, reuse: float = 0.6, zipf: float = 1.1, seed: int = 0):
         super().__init__()
-        self.gate, self.reuse, self.rng = gate, reuse, np.random.default_rng(seed)
-        E, self.k = gate.weight.shape[0], gate.c.num_experts_per_tok
-        p = 1.0 / np.arange(1, E + 1) ** zipf
-        self.p = p / p.sum()
-        self.perm = self.rng.permutation(E)
-        self.prev = None
+        self.gate, self.k = gate, gate.c.num_experts_per_tok
+        self.routing = SkewedRouting(gate.weight.shape[0], self.k, reuse, zipf, seed)
         self.weight = gate.weight
 
     def forward(self, x):
-        T = x.shape[0]
-        rows = []
-        for _ in range(T):
-            keep = [] if self.prev is None else [e for e in self.prev if self.rng.random() < self.reuse]
-            while len(keep) < self.k:
-                e = int(self.perm[self.rng.choice(len(self.p), p=self.p)])
-                if e not in keep:
-                    keep.append(e)
-            rows.append(keep)
-            self.prev = keep
-        idx = torch.tensor(rows, device=x.device)
+        idx = torch.tensor([self.routing.next() for _ in range(x.shape[0])], device=x.device)
         return idx, torch.full(idx.shape, 1.0 / self.k, device=x.device)
 
 

@@ -85,15 +85,25 @@ def _hit_rate(policy, rows, n_experts=16, n_slots=4):
 
 
 def test_frequency_keeps_a_hot_expert_that_recency_drops():
-    """Experts 0 and 1 serve every third token; the tokens between use four one-off experts each. LRU has
-    evicted 0 and 1 by the time they return; decayed frequency keeps them and churns the one-offs."""
+    """Experts 0 and 1 serve every third token; the two tokens between use three one-off experts each. LRU
+    has filled its six slots with one-offs by the time 0 and 1 return; decayed frequency keeps them."""
     rng = np.random.default_rng(0)
-    rows = [np.array([0, 1]) if i % 3 == 0 else rng.choice(np.arange(2, 64), 4, replace=False) for i in range(300)]
-    lfru, lru = _hit_rate("lfru", rows, n_experts=64), _hit_rate("lru", rows, n_experts=64)
-    assert lfru > lru + 0.1
-    hot = HotSet(64, 4, "lfru")
+    rows = [np.array([0, 1]) if i % 3 == 0 else rng.choice(np.arange(2, 64), 3, replace=False) for i in range(300)]
+    lfru, lru = _hit_rate("lfru", rows, n_experts=64, n_slots=6), _hit_rate("lru", rows, n_experts=64, n_slots=6)
+    assert lfru > lru + 0.15
+    hot = HotSet(64, 6, "lfru")
     list(_stream(hot, rows))
     assert {0, 1} <= hot.resident
+
+
+def test_the_last_tokens_experts_outrank_older_frequent_ones():
+    """A token's experts are likely reused by the next: with 4 slots, after a burst of [0..3] and a token
+    routed to [8..11], the newest four hold the slots (the bonus), not the older frequent ones."""
+    hot = HotSet(16, 4, "lfru")
+    for _ in range(3):
+        hot.observe(np.bincount([0, 1, 2, 3], minlength=16).astype(float))
+    hot.observe(np.bincount([8, 9, 10, 11], minlength=16).astype(float))
+    assert hot.resident == {8, 9, 10, 11}
 
 
 def test_recency_wins_when_the_working_set_moves():

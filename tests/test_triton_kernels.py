@@ -1,9 +1,10 @@
 """The Triton kernels (vl2edge.kernels) against dequantize-then-matmul references on fresh random inputs.
 
 On a machine without CUDA they run under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py
-before anything imports triton; set here too for a direct run of this file). The references use `quant.format.dequantize` and plain float32 torch matmuls, independently of
-the kernels' code. Under the interpreter, tests with full-size shapes pass bigger tiles than the GPU
-defaults (only to be faster there; the default tiles are covered on the small shapes).
+before anything imports triton; set here too for a direct run of this file). The references use
+`quant.format.dequantize` and plain float32 torch matmuls, independently of the kernels' code. Under the
+interpreter, tests with full-size shapes pass bigger tiles than the GPU defaults (only to be faster there;
+the default tiles are covered on the small shapes).
 
 Dimension legend: T tokens, A top-k slots, D hidden, I expert intermediate, E experts, M rows,
 N out features, K in features.
