@@ -60,6 +60,11 @@ class QuantSpec:
         return sum(math.prod(s) * (4 if d == "F32" else 1) for d, s in self.packed_shapes(N, K).values())
 
 
+def whole_blocks(spec: QuantSpec | None, *dims: int) -> bool:
+    """Every width a whole number of blocks (float weights: always): what the Triton kernels read."""
+    return spec is None or all(d % spec.block_size == 0 for d in dims)
+
+
 def _xp(a) -> Any:
     """The array module of `a`: numpy, or torch for a tensor (then torch is already imported)."""
     if isinstance(a, np.ndarray):

@@ -23,7 +23,7 @@ from torch import nn
 
 from vl2edge.models.experts import PROJECTIONS, DenseExperts, Experts, swiglu
 
-from .format import QuantSpec, dequantize, unpack, zero_points
+from .format import QuantSpec, dequantize, unpack, whole_blocks, zero_points
 from .quantizers import quantize
 
 Packed = dict[str, torch.Tensor]  # suffix (qweight, scales[, qzeros]) -> tensor
@@ -240,11 +240,15 @@ class QuantExperts(Experts):
                 stack.release()
         self.kernel = chosen
 
+    @property
+    def static_ready(self) -> bool:
+        return self.kernel != "int4pack"  # one opaque weight per expert: only a host-side index picks it
+
     def kernel_stacks(self) -> tuple[dict[str, torch.Tensor], QuantSpec | None] | None:
         if self.kernel == "dense":
             assert self._w is not None  # laid out by prepare()
             return dict(zip(PROJECTIONS, self._w)), None
-        if self.kernel != "dequant":
+        if self.kernel != "dequant" or not whole_blocks(self.spec, self.hidden, self.inter):
             return None
         return {f"{p}.{k}": t for p in PROJECTIONS for k, t in self.stack(p).tensors().items()}, self.spec
 

@@ -140,6 +140,13 @@ def test_int4pack_experts_refuse_the_static_path():
     q.prepare(torch.bfloat16, kernel="int4pack")
     with pytest.raises(NotImplementedError, match="int4pack"):
         q.forward_static(torch.zeros(1, 64), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
+    assert not q.static_ready
+
+
+def test_supports_names_the_layouts_without_a_static_path():
+    assert StaticDecoder.supports(_model("tiny"))
+    model = load_model(golden.model_dir("tiny"), dtype="bfloat16", device="cpu", quant="int4-experts").model
+    assert not StaticDecoder.supports(model)  # the CPU int4 kernel: pipeline.load keeps the eager decode
 
 
 def test_cache_allocation_and_full_cache(monkeypatch):

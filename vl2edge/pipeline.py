@@ -214,7 +214,8 @@ def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | Non
     if model.device.type == "cuda":
         from .models.decode_step import StaticDecoder
 
-        return Pipeline(processor, StaticDecoder(model, graph=graph), limit, plan)
+        if StaticDecoder.supports(model):
+            return Pipeline(processor, StaticDecoder(model, graph=graph), limit, plan)
     return Pipeline(processor, model, limit, plan)
 
 

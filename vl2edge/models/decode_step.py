@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .cache import KVCache
+from .experts import Experts
 from .language import LanguageModel
 from .model import VL2Model
 from .offload import OffloadedExperts
@@ -126,6 +127,11 @@ class StaticDecoder:
         self.config = model.config
         self._slots: dict[int, _Slot] = {}
         self._offloaded = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
+
+    @staticmethod
+    def supports(model: VL2Model) -> bool:
+        """Whether every MoE layer's experts have a sync-free decode path where they are (`static_ready`)."""
+        return all(m.static_ready for m in model.modules() if isinstance(m, Experts))
 
     def modules(self):
         """The torch modules it runs (offloading counters are read from them)."""

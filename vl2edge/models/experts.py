@@ -96,6 +96,11 @@ class Experts(nn.Module):
         """[gate [P, I, D], up [P, I, D], down [P, D, I]] of the experts `idx` [P] (a device tensor)."""
         raise NotImplementedError(f"{type(self).__name__} has no sync-free decode path")
 
+    @property
+    def static_ready(self) -> bool:
+        """Whether `forward_static` runs for this layout where it lives (`gathered_weights` or a kernel)."""
+        return True
+
     def kernel_stacks(self) -> tuple[dict[str, torch.Tensor], QuantSpec | None] | None:
         """Every expert's tensors as [E, ...] stacks named as `expert_tensors` names them, and their format,
         for the Triton kernel that reads them in place (None: this layout has none)."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from vl2edge.placement import Plan, plan_sizes
+from vl2edge.quant.format import whole_blocks
 
 from .experts import Experts
 from .hot_set import HotSet
@@ -251,11 +252,18 @@ class OffloadedExperts(Experts):
 
     # -- the static decode step ------------------------------------------------------------------------
 
+    @property
+    def static_ready(self) -> bool:
+        """On CUDA the static step reads these experts with the kernel, which needs whole quant blocks."""
+        return self.device.type != "cuda" or whole_blocks(self.spec, self.hidden, self.inter)
+
     def forward_static(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         """Sync-free: residents from their slots by the table, the rest in place from the store."""
         flat = topk_idx.reshape(-1)
         self.counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
         if x.is_cuda:
+            if not self.static_ready:
+                raise NotImplementedError("offloaded experts of partial quant blocks have no CUDA static path")
             from vl2edge.kernels.moe import moe_offloaded
 
             return moe_offloaded(x, topk_idx, topk_w, self.table, self.layout.stacked_views(self.slots),
