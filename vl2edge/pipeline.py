@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,19 +23,21 @@ from .grounding import parse as parse_grounding
 from .placement import Plan
 from .processor import Processor, check_compatible
 from .quant.recipes import MANIFEST
-from .sampling import SamplingParams
+from .sampling import SamplingParams, log_softmax
+from .structured import JsonFormat, TokenVocabulary
 
 
 @dataclass
 class Result:
     text: str
     token_ids: list[int]          # the new tokens only (an eos that ended the answer included)
-    finish_reason: str            # "stop" (eos or a stop string) or "length"
+    finish_reason: str            # "stop" (eos or a stop string), "length" or "cancelled"
     prompt_tokens: int
     timings: dict = field(default_factory=dict)
     image_sizes: list = field(default_factory=list)  # original (w, h) of each image
     boxes: list = field(default_factory=list)        # grounding.Box: <|det|> boxes in pixels of the last image
     grounding_problems: list = field(default_factory=list)
+    logprobs: list | None = None                     # per token (OpenAI's shape) when asked for
 
 
 class TextStream:
@@ -59,40 +62,62 @@ class TextStream:
         return now[len(before):]
 
 
+@dataclass(frozen=True)
+class Options:
+    """How one answer is generated (`Pipeline.generation`'s keywords, checked)."""
+
+    max_new_tokens: int = 512
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    chunk_size: int = DEFAULT_CHUNK
+    stop: tuple[str, ...] = ()
+    response_format: JsonFormat | None = None   # constrained decoding (vl2edge/structured.py)
+    logprobs: int | None = None                 # None: off; k >= 0: each token's logprob and its top k
+
+
 class Generation:
-    """One answer in progress: iterate for text pieces; `.result` once exhausted."""
+    """One answer in progress: iterate for text pieces; `.result` once exhausted. `cancel()` (any thread)
+    stops it before the next decode step."""
 
     result: Result | None
 
-    def __init__(self, pipe: Pipeline, messages, images, max_new_tokens, temperature, top_p,
-                 repetition_penalty, seed, chunk_size, stop=None, inputs=None):
-        self.pipe, self.result, self.inputs = pipe, None, inputs
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if not all(isinstance(s, str) for s in stops):
-            raise InputError("stop must be a string or a list of strings")
-        self.stop = [s for s in stops if s]  # an empty stop string would end every answer before it starts
-        self._args = (messages, images, max_new_tokens, SamplingParams(temperature, top_p, repetition_penalty),
-                      seed, chunk_size)
+    def __init__(self, pipe: Pipeline, messages, images, options: Options, inputs=None):
+        self.pipe, self.result, self.inputs, self.options = pipe, None, inputs, options
+        self.messages, self.images = messages, images
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
 
     def __iter__(self) -> Iterator[str]:
-        messages, images, max_new, params, seed, chunk = self._args
-        pipe, t0 = self.pipe, time.perf_counter()
-        inputs = self.inputs if self.inputs is not None else pipe.processor(messages, images)
+        o, pipe, t0 = self.options, self.pipe, time.perf_counter()
+        inputs = self.inputs if self.inputs is not None else pipe.processor(self.messages, self.images)
         T, limit = inputs.input_ids.shape[1], pipe.context_length
         if limit <= T:
             raise InputError(f"the prompt is {T} tokens (images included) but the model's context is {limit}; "
                              "use fewer or smaller images or a shorter conversation")
-        max_new = min(max_new, limit - T)
+        max_new = min(o.max_new_tokens, limit - T)
+        constraint = None
+        if o.response_format is not None:
+            vocab = TokenVocabulary.of(pipe.processor, pipe.vocab_size)
+            constraint = o.response_format.constraint(vocab, max_new)
+        logprobs: list[dict] | None = None if o.logprobs is None else []
+        observe = None if logprobs is None else (lambda x, tok: logprobs.append(self._logprob(x[0], int(tok[0]))))
         embeds = pipe.backend.embed(inputs.input_ids, inputs.images, inputs.images_seq_mask,
                                     inputs.images_spatial_crop)
         t_embed = time.perf_counter()
         stream, ids, first = TextStream(pipe.processor.decode), [], None
         eos = pipe.processor.eos_id
         text, sent, stopped = "", 0, False
-        hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string may still be forming
+        hold = max((len(s) for s in o.stop), default=1) - 1  # a stop string may still be forming
         for tok in generate(pipe.backend, embeds, inputs.attention_mask, max_new_tokens=max_new, eos_id=eos,
-                            params=params, rng=np.random.default_rng(seed), prompt_ids=inputs.input_ids,
-                            chunk_size=chunk):
+                            params=o.sampling, rng=np.random.default_rng(o.seed), prompt_ids=inputs.input_ids,
+                            chunk_size=o.chunk_size, constraint=constraint, observe=observe,
+                            cancelled=self._cancel.is_set):
             first = first or time.perf_counter()
             t = int(tok[0])
             ids.append(t)
@@ -100,7 +125,7 @@ class Generation:
                 stopped = True
                 break
             text += stream.push(t)
-            cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+            cut = min((i for i in (text.find(s) for s in o.stop) if i >= 0), default=-1)
             if cut >= 0:
                 text, stopped = text[:cut], True
                 break
@@ -114,11 +139,26 @@ class Generation:
         end = time.perf_counter()
         n = len(ids)
         g = parse_grounding(text, inputs.image_sizes[0])
+        reason = "cancelled" if self.cancelled else "stop" if stopped else "length"
         self.result = Result(
-            text=text, token_ids=ids, finish_reason="stop" if stopped else "length", prompt_tokens=T,
-            image_sizes=inputs.image_sizes[0], boxes=g.boxes, grounding_problems=g.problems,
+            text=text, token_ids=ids, finish_reason=reason, prompt_tokens=T,
+            image_sizes=inputs.image_sizes[0], boxes=g.boxes, grounding_problems=g.problems, logprobs=logprobs,
             timings={"embed_s": t_embed - t0, "ttft_s": (first or end) - t0, "total_s": end - t0,
                      "new_tokens": n, "decode_tok_s": (n - 1) / (end - first) if first and n > 1 else None})
+
+    def _logprob(self, x: np.ndarray, token: int) -> dict:
+        """OpenAI's logprobs entry for the chosen token: its log-probability under the adjusted (and masked)
+        logits at temperature 1, and the top `logprobs` alternatives."""
+        lp = log_softmax(x[None])[0]
+        decode = self.pipe.processor.decode
+
+        def entry(t: int) -> dict:
+            s = decode([t])
+            return {"token": s, "logprob": float(max(lp[t], -9999.0)), "bytes": list(s.encode("utf-8"))}
+
+        k = self.options.logprobs or 0
+        top = np.argsort(-lp, kind="stable")[:k]
+        return {**entry(token), "top_logprobs": [entry(int(t)) for t in top]}
 
 
 class Pipeline:
@@ -128,17 +168,38 @@ class Pipeline:
     def __init__(self, processor: Processor, backend: Backend, context_length: int, plan: Plan | None = None):
         self.processor, self.backend, self.context_length, self.plan = processor, backend, context_length, plan
 
+    @property
+    def vocab_size(self) -> int:
+        """The width of the model's logits."""
+        return self.backend.config.language_config.vocab_size
+
     def generation(self, messages, images=None, *, max_new_tokens: int = 512, temperature: float = 0.0,
-                   top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                   chunk_size: int = DEFAULT_CHUNK, stop=None, inputs=None) -> Generation:
+                   top_p: float = 1.0, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                   presence_penalty: float = 0.0, logit_bias: dict | None = None, seed: int | None = None,
+                   chunk_size: int = DEFAULT_CHUNK, stop=None, response_format: JsonFormat | None = None,
+                   logprobs: int | None = None, inputs=None) -> Generation:
         """An answer in progress (iterate for text pieces). `inputs`: the processor's output for these
-        messages, when the caller has already computed it."""
+        messages, when the caller has already computed it. `response_format`: JSON constrained decoding
+        (`vl2edge.structured.JsonFormat`). `logprobs`: report each token's log-probability and its top k."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-            raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-        return Generation(self, messages, images, max_new_tokens, temperature, top_p, repetition_penalty, seed,
-                          chunk_size, stop, inputs)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise InputError(f"seed must be an integer, got {seed!r}")
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                     or not 0 <= logprobs <= 20):
+            raise InputError(f"logprobs (top alternatives) must be an integer in [0, 20], got {logprobs!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) for s in stops):
+            raise InputError("stop must be a string or a list of strings")
+        try:
+            bias = tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items()))
+        except (TypeError, ValueError, AttributeError):
+            raise InputError("logit_bias must map token ids to numbers") from None
+        sampling = SamplingParams(temperature, top_p, repetition_penalty, frequency_penalty, presence_penalty, bias)
+        options = Options(max_new_tokens, sampling, None if seed is None else seed % 2**64, chunk_size,
+                          tuple(s for s in stops if s),  # an empty stop string would end every answer at once
+                          response_format, logprobs)
+        return Generation(self, messages, images, options, inputs)
 
     def stream(self, messages, images=None, **kw) -> Iterator[str]:
         """Text pieces of the answer as they are decoded."""

@@ -1,7 +1,12 @@
 """Next-token choice from float32 logits [B, V] with an explicit `numpy.random.Generator`.
 
 The order is the Hugging Face one the reference's `generate` uses: repetition penalty (also under
-greedy), then temperature, then top-p (nucleus, keeping at least one token). temperature 0 is greedy.
+greedy), then temperature, then top-p (nucleus, keeping at least one token). temperature 0 is greedy,
+and so is top_p 0 (only the most likely token is kept). OpenAI's options come before temperature:
+frequency and presence penalties over the tokens generated so far (logit -= count * frequency +
+(count > 0) * presence) and `logit_bias` (added per token id). `adjust` is everything before the
+choice (what logprobs are reported from, and where a grammar mask is applied); `choose` is the choice;
+`sample` is both.
 """
 
 from __future__ import annotations
@@ -19,18 +24,31 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
 
     def __post_init__(self):
-        for name in ("temperature", "top_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise InputError(f"{name} must be a finite number, got {v!r}")
         if not (0 <= self.temperature <= 100):
             raise InputError(f"temperature must be >= 0 (and at most 100), got {self.temperature}")
-        if not (0 < self.top_p <= 1):
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (0 <= self.top_p <= 1):
+            raise InputError(f"top_p must be in [0, 1], got {self.top_p}")
         if not (0 < self.repetition_penalty <= 100):
             raise InputError(f"repetition_penalty must be > 0 (and at most 100), got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InputError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        for tok, bias in self.logit_bias:
+            if not (isinstance(tok, int) and tok >= 0 and isinstance(bias, (int, float)) and -100 <= bias <= 100):
+                raise InputError(f"logit_bias maps token ids to biases in [-100, 100], got {tok!r}: {bias!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_p == 0
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: list[np.ndarray], penalty: float) -> np.ndarray:
@@ -56,13 +74,29 @@ def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
     return out
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-           seen: list[np.ndarray] | None = None) -> np.ndarray:
-    """One token id per row [B] (int64)."""
+def adjust(logits: np.ndarray, params: SamplingParams, seen: list[np.ndarray] | None = None,
+           generated: list[np.ndarray] | None = None) -> np.ndarray:
+    """Everything before the choice: repetition penalty over `seen` (prompt + answer), frequency/presence
+    penalties over `generated` (the answer so far), logit_bias. float32 [B, V]."""
     x: np.ndarray = np.asarray(logits, dtype=np.float32)
     if params.repetition_penalty != 1.0 and seen is not None:
         x = apply_repetition_penalty(x, seen, params.repetition_penalty)
-    if params.temperature == 0:
+    if (params.frequency_penalty or params.presence_penalty) and generated is not None:
+        x = x.copy()
+        for b, ids in enumerate(generated):
+            counts = np.bincount(np.asarray(ids, dtype=np.int64), minlength=x.shape[1])[: x.shape[1]]
+            x[b] -= counts * params.frequency_penalty + (counts > 0) * params.presence_penalty
+    if params.logit_bias:
+        x = x.copy()
+        for tok, bias in params.logit_bias:
+            if tok < x.shape[1]:
+                x[:, tok] += bias
+    return x
+
+
+def choose(x: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
+    """One token id per row [B] (int64) from adjusted logits."""
+    if params.greedy:
         return x.argmax(-1).astype(np.int64)
     x = x.astype(np.float64) / params.temperature
     if params.top_p < 1.0:
@@ -72,3 +106,15 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     rows: int = x.shape[0]  # typed: an Any size would pick rng.random's scalar overload
     u = rng.random(rows)
     return np.minimum((cdf < u[:, None]).sum(-1), x.shape[1] - 1).astype(np.int64)
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+           seen: list[np.ndarray] | None = None, generated: list[np.ndarray] | None = None) -> np.ndarray:
+    """One token id per row [B] (int64)."""
+    return choose(adjust(logits, params, seen, generated), params, rng)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities over the last axis (-inf where x is -inf)."""
+    z = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
