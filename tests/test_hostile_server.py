@@ -86,7 +86,8 @@ def assert_error(r, status: int, fragment: str):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert fragment in err["message"], err["message"]
-    assert err["code"] == status and "Traceback" not in r.text
+    assert "Traceback" not in r.text and "param" in err  # OpenAI's shape: code a string or null, param named
+    assert err["code"] is None or isinstance(err["code"], str)
 
 
 def assert_serving(client):
@@ -117,14 +118,15 @@ CASES = [  # (id, body, status, fragment)
     ("nested-40-deep", NESTED_40.encode(), 400, "nested too deeply"),
     ("int-past-python-digit-limit", with_field("max_tokens", "9" * 5000), 400,
      "max_tokens must be an integer in [1, 4], got <an integer of 5000 digits>"),
-    ("seed-past-python-digit-limit", with_field("seed", "9" * 5000), 400, "seed must be an integer in [0, "),
+    ("seed-past-python-digit-limit", with_field("seed", "9" * 5000), 400,
+     "seed must be an integer in [-9223372036854775808, "),
     ("huge-int-inside-messages", b'{"messages": [{"role": "user", "content": ' + b"7" * 30 + b"}]}", 400,
      "number out of range"),
     ("nan-inside-messages", b'{"messages": [{"role": "user", "content": NaN}]}', 400, "number out of range"),
     ("temperature-nan", req(temperature=float("nan")), 400, "temperature must be a number in [0.0, 2.0]"),
     ("temperature-1e400", with_field("temperature", "1e400"), 400, "temperature must be a number in [0.0, 2.0]"),
-    ("top-p-infinity", req(top_p=float("inf")), 400, "top_p must be a positive number <= 1.0"),
-    ("top-p-minus-infinity", req(top_p=float("-inf")), 400, "top_p must be a positive number <= 1.0"),
+    ("top-p-infinity", req(top_p=float("inf")), 400, "top_p must be a number in [0.0, 1.0]"),
+    ("top-p-minus-infinity", req(top_p=float("-inf")), 400, "top_p must be a number in [0.0, 1.0]"),
     ("invalid-utf8", b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, "not valid UTF-8"),
     ("utf16-with-bom", json.dumps(OK).encode("utf-16"), 400, "not valid UTF-8"),
     ("empty-body", b"", 400, "not valid JSON"),
@@ -134,9 +136,8 @@ CASES = [  # (id, body, status, fragment)
     ("max-tokens-1e30", req(max_tokens=10**30), 400, "max_tokens must be an integer in [1, 4]"),
     ("max-tokens-2**64", req(max_tokens=2**64), 400, "max_tokens must be an integer in [1, 4]"),
     ("max-tokens-negative", req(max_tokens=-5), 400, "max_tokens must be an integer in [1, 4]"),
-    ("seed-1e30", req(seed=10**30), 400, "seed must be an integer in [0, 9223372036854775807]"),
-    ("seed-2**64", req(seed=2**64), 400, "seed must be an integer in [0, 9223372036854775807]"),
-    ("seed-negative", req(seed=-5), 400, "seed must be an integer in [0, 9223372036854775807]"),
+    ("seed-1e30", req(seed=10**30), 400, "seed must be an integer in [-9223372036854775808, 18446744073709551615]"),
+    ("seed-2**64", req(seed=2**64), 400, "seed must be an integer in [-9223372036854775808, 18446744073709551615]"),
     # fields of the wrong type
     ("max-tokens-string", req(max_tokens="8"), 400, "max_tokens must be an integer"),
     ("max-tokens-boolean", req(max_tokens=True), 400, "max_tokens must be an integer"),
@@ -273,7 +274,7 @@ def test_an_empty_api_key_is_refused_at_start_up(pipe, key):
 
 
 @pytest.mark.parametrize("header", [None, b"", b"Bearer", b"Bearer ", b"sekret", b"Bearer sekre", b"Bearer sekrett",
-                                    b"bearer sekret", b"Bearer \xff\xfe\x00", "Bearer sékret".encode()])
+                                    b"Basic sekret", b"Bearer \xff\xfe\x00", "Bearer sékret".encode()])
 def test_wrong_api_keys(pipe, monkeypatch, header):
     compared = []
     real = vl2edge.server.hmac.compare_digest
@@ -283,6 +284,12 @@ def test_wrong_api_keys(pipe, monkeypatch, header):
     assert_error(c.post("/v1/chat/completions", json=OK, headers=headers), 401, "API key")
     assert_error(c.get("/v1/models", headers=headers), 401, "API key")
     assert compared and all(isinstance(a, bytes) and isinstance(b, bytes) for a, b in compared)
+
+
+@pytest.mark.parametrize("scheme", [b"Bearer", b"bearer", b"BEARER"])
+def test_the_auth_scheme_is_case_insensitive(pipe, scheme):
+    c = TestClient(create_app(pipe, api_key="sekret", limits=LIMITS))
+    assert c.get("/v1/models", headers={"authorization": scheme + b" sekret"}).status_code == 200
 
 
 def test_a_non_ascii_api_key_works(pipe):

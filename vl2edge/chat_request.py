@@ -21,7 +21,17 @@ from .images import load_image
 from .schema import Fields, check_text, loads
 
 BODY = "the request body"
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
+# The request fields: what is supported, what is accepted and has no effect here (OpenAI bookkeeping), and
+# what is refused with a 400 that names it. Anything else is refused as unrecognized, as OpenAI does.
+SUPPORTED = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
+             "stream", "stream_options", "n", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs",
+             "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls", "modalities")
+NO_EFFECT = ("user", "metadata", "store", "service_tier")
+REFUSED = {"functions": "function calling", "function_call": "function calling", "audio": "audio output",
+           "prediction": "predicted outputs", "web_search_options": "web search",
+           "reasoning_effort": "reasoning effort (not a reasoning model)", "verbosity": "verbosity"}
+MAX_LOGIT_BIAS = 300
 CHARS_PER_TOKEN = 8      # the default text budget per prompt token (English text averages about 4 characters a token)
 MIN_JSON_VALUES = 2**18  # the default bound on a body's JSON values, raised with the text budget
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 1024
@@ -49,9 +59,13 @@ class Limits:
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    """A refusal in OpenAI's error shape: status, message, type, the parameter it is about, a string code."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
 
 
 class CappedBuffer:
@@ -121,14 +135,88 @@ def parse_body(raw: bytes, limits: Limits) -> Fields:
         raise
 
 
-def generation_options(body: Fields, limits: Limits) -> dict:
-    """max_tokens, temperature, top_p, seed and stop, checked: the keyword arguments of `Pipeline.generation`."""
+def refuse_unsupported(body: Fields) -> None:
+    """400, naming the field, for every option this server would otherwise ignore."""
+    for key in body.obj:
+        if key in REFUSED:
+            raise HTTPError(400, f"{key}: {REFUSED[key]} is not supported by this server", param=key,
+                            code="unsupported_parameter")
+        if key not in SUPPORTED and key not in NO_EFFECT:
+            raise HTTPError(400, f"unrecognized request argument: {str(key)[:80]}", param=str(key)[:80],
+                            code="unsupported_parameter")
+    if body.raw("tools", []) != []:
+        raise HTTPError(400, "tools: tool calls are not supported by this server", param="tools",
+                        code="unsupported_parameter")
+    if body.raw("tool_choice", "none") not in ("none", "auto"):
+        raise HTTPError(400, "tool_choice: tool calls are not supported by this server", param="tool_choice",
+                        code="unsupported_parameter")
+    if body.raw("modalities", ["text"]) != ["text"]:
+        raise HTTPError(400, 'modalities: this server answers in text only (["text"])', param="modalities",
+                        code="unsupported_parameter")
+    if body.integer("n", 1, lo=1) != 1:
+        raise HTTPError(400, "n: this server returns one choice per request (n = 1)", param="n",
+                        code="unsupported_parameter")
+
+
+def generation_options(body: Fields, limits: Limits, vocab_size: int | None = None) -> dict:
+    """The sampling fields, checked: the keyword arguments of `Pipeline.generation` (`max_completion_tokens`
+    wins over the deprecated `max_tokens`; `top_logprobs` needs `logprobs`)."""
     cap = limits.max_output_tokens
-    return {"max_new_tokens": body.integer("max_tokens", min(512, cap), lo=1, hi=cap),
-            "temperature": body.number("temperature", 0.0, lo=0.0, hi=2.0),
-            "top_p": body.number("top_p", 1.0, hi=1.0, positive=True),
-            "seed": body.integer("seed", None, lo=0, hi=2**63 - 1),
-            "stop": _stop_strings(body)}
+    key = "max_completion_tokens" if body.has("max_completion_tokens") else "max_tokens"
+    options = {"max_new_tokens": body.integer(key, min(512, cap), lo=1, hi=cap),
+               "temperature": body.number("temperature", 0.0, lo=0.0, hi=2.0),
+               "top_p": body.number("top_p", 1.0, lo=0.0, hi=1.0),
+               "seed": body.integer("seed", None, lo=-2**63, hi=2**64 - 1),
+               "frequency_penalty": body.number("frequency_penalty", 0.0, lo=-2.0, hi=2.0),
+               "presence_penalty": body.number("presence_penalty", 0.0, lo=-2.0, hi=2.0),
+               "stop": _stop_strings(body), "logit_bias": _logit_bias(body, vocab_size)}
+    if body.boolean("logprobs", False):
+        options["logprobs"] = body.integer("top_logprobs", 0, lo=0, hi=20)
+    elif body.has("top_logprobs"):
+        raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return options
+
+
+def _logit_bias(body: Fields, vocab_size: int | None) -> dict[int, float] | None:
+    bias = body.raw("logit_bias", None)
+    if bias is None:
+        return None
+    top = vocab_size - 1 if vocab_size else None
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise body.fail("logit_bias", f"an object of at most {MAX_LOGIT_BIAS} token ids mapped to numbers", bias)
+    out = {}
+    for k, v in bias.items():
+        if not (k.isascii() and k.isdigit() and len(k) < 12 and (top is None or int(k) <= top)):
+            raise HTTPError(400, f"logit_bias: {k[:40]!r} is not a token id (0..{top})", param="logit_bias")
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100):
+            raise HTTPError(400, f"logit_bias[{k}] must be a number in [-100, 100], got {str(v)[:40]}",
+                            param="logit_bias")
+        out[int(k)] = float(v)
+    return out
+
+
+def response_format(body: Fields):
+    """`response_format` as a compiled `vl2edge.structured.JsonFormat` (None for text); a schema the grammar
+    library cannot compile is a 400 with its reason."""
+    from .structured import JsonFormat
+
+    value = body.raw("response_format", None)
+    if value is None:
+        return None
+    fmt = Fields(value, "response_format", InputError)
+    kind = fmt.raw("type", None)
+    try:
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return JsonFormat.any_object()
+        if kind == "json_schema":
+            spec = fmt.sub("json_schema")
+            return JsonFormat.from_schema(spec.raw("schema", {"type": "object"}), spec.text("name", "json_schema"))
+    except InputError as e:
+        raise HTTPError(400, f"response_format: {e}", param="response_format") from None
+    raise HTTPError(400, f"response_format: type must be text, json_object or json_schema, got {str(kind)[:40]!r}",
+                    param="response_format.type")
 
 
 def _stop_strings(body: Fields) -> list[str] | None:
@@ -258,7 +346,8 @@ def to_conversation(body: Fields, allowed_root: Path | None, allow_remote: bool,
         msg = Fields(m, f"messages[{i}]", InputError)
         role = msg.raw("role", None)
         if role not in ROLES:
-            raise msg.fail("role", "one of system, user, assistant", role)
+            raise msg.fail("role", "one of system, developer, user, assistant", role)
+        role = "system" if role == "developer" else role
         content = msg.raw("content", None)
         if isinstance(content, str):
             text, placed = budget.take(msg, "content"), 0

@@ -6,9 +6,14 @@ HTTP status; anything else is a bug and keeps its traceback.
 
 
 class VL2Error(Exception):
-    """Base class: a problem with the user's input, files or environment, not a bug."""
+    """Base class: a problem with the user's input, files or environment, not a bug. `param`: the field
+    it is about, where there is one (the server reports it as OpenAI's `error.param`)."""
 
     exit_code = 2
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ConfigError(VL2Error, ValueError):

@@ -85,6 +85,8 @@ class Generation:
         self.pipe, self.result, self.inputs, self.options = pipe, None, inputs, options
         self.messages, self.images = messages, images
         self._cancel = threading.Event()
+        self._logprobs: list[dict] = []
+        self._logprobs_sent = 0
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -105,8 +107,8 @@ class Generation:
         if o.response_format is not None:
             vocab = TokenVocabulary.of(pipe.processor, pipe.vocab_size)
             constraint = o.response_format.constraint(vocab, max_new)
-        logprobs: list[dict] | None = None if o.logprobs is None else []
-        observe = None if logprobs is None else (lambda x, tok: logprobs.append(self._logprob(x[0], int(tok[0]))))
+        logprobs = self._logprobs
+        observe = None if o.logprobs is None else (lambda x, tok: logprobs.append(self._logprob(x[0], int(tok[0]))))
         embeds = pipe.backend.embed(inputs.input_ids, inputs.images, inputs.images_seq_mask,
                                     inputs.images_spatial_crop)
         t_embed = time.perf_counter()
@@ -142,9 +144,16 @@ class Generation:
         reason = "cancelled" if self.cancelled else "stop" if stopped else "length"
         self.result = Result(
             text=text, token_ids=ids, finish_reason=reason, prompt_tokens=T,
-            image_sizes=inputs.image_sizes[0], boxes=g.boxes, grounding_problems=g.problems, logprobs=logprobs,
+            image_sizes=inputs.image_sizes[0], boxes=g.boxes, grounding_problems=g.problems,
+            logprobs=None if o.logprobs is None else logprobs[:len(ids)],
             timings={"embed_s": t_embed - t0, "ttft_s": (first or end) - t0, "total_s": end - t0,
                      "new_tokens": n, "decode_tok_s": (n - 1) / (end - first) if first and n > 1 else None})
+
+    def new_logprobs(self) -> list[dict]:
+        """The logprobs entries of the tokens decoded since the last call (for streaming them)."""
+        out = self._logprobs[self._logprobs_sent:]
+        self._logprobs_sent = len(self._logprobs)
+        return out
 
     def _logprob(self, x: np.ndarray, token: int) -> dict:
         """OpenAI's logprobs entry for the chosen token: its log-probability under the adjusted (and masked)

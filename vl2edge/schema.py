@@ -103,25 +103,32 @@ class Fields:
     def _name(self, key: str) -> str:
         return f"{self.where}: {key}"
 
+    def param(self, key: str) -> str:
+        """The field's path from the top of the document (`key`, or `messages[0].role` under `messages[0]`)."""
+        return key if " " in self.where else f"{self.where}.{key}"
+
     def has(self, key: str) -> bool:
         return key in self.obj and self.obj[key] is not None
 
     def raw(self, key: str, default: Any = _MISSING) -> Any:
         if key not in self.obj or self.obj[key] is None:
             if default is _MISSING:
-                raise self.error(f"{self._name(key)} is missing")
+                raise self.error(f"{self._name(key)} is missing", param=self.param(key))
             return default
         return self.obj[key]
 
     def fail(self, key: str, expected: str, got: Any = _MISSING) -> VL2Error:
         shown = "" if got is _MISSING else f", got {_short(got)}"
-        return self.error(f"{self._name(key)} must be {expected}{shown}")
+        return self.error(f"{self._name(key)} must be {expected}{shown}", param=self.param(key))
 
     def integer(self, key: str, default: Any = _MISSING, lo: int | None = None, hi: int | None = None) -> Any:
         v = self.raw(key, default)
         if v is default and default is not _MISSING:
             return v
-        return as_int(v, self._name(key), lo, hi, self.error)
+        try:
+            return as_int(v, self._name(key), lo, hi, self.error)
+        except VL2Error as e:
+            raise self.error(str(e), param=self.param(key)) from None
 
     def number(self, key: str, default: Any = _MISSING, lo: float | None = None, hi: float | None = None,
               positive: bool = False) -> Any:
