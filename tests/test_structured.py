@@ -87,3 +87,41 @@ def test_string_state_follows_quotes_and_escapes():
     for piece, inside in (('{"a', True), ('b\\"', True), ('c"', False), (':"', True), ('\\\\', True), ('"}', False)):
         state = string_state(*state, piece)
         assert state[0] is inside, piece
+
+
+def test_cli_run_and_batch_take_a_json_schema_file(tmp_path, capsys):
+    from PIL import Image
+
+    from vl2edge import cli
+
+    write_model("test-mha", tmp_path / "model")
+    (tmp_path / "receipt.json").write_text(json.dumps(RECEIPT))
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "a.png")
+    Image.new("RGB", (48, 64), "black").save(tmp_path / "b.png")
+    common = ["--model", str(tmp_path / "model"), "--backend", "torch", "--json-schema", str(tmp_path / "receipt.json"),
+              "--max-new-tokens", "120", "--temperature", "1", "--seed", "4"]
+    cli.main(["run", *common, "--image", str(tmp_path / "a.png"), "--prompt", "Read the receipt.", "--json"])
+    jsonschema.validate(json.loads(json.loads(capsys.readouterr().out)["text"]), RECEIPT)
+    cli.main(["batch", *common, str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--prompt", "Read the receipt.",
+              "--out", str(tmp_path / "out.jsonl")])
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for r in records:
+        jsonschema.validate(r["json"], RECEIPT)
+        assert json.loads(r["answer"]) == r["json"]
+
+
+@pytest.mark.parametrize("content,fragment", [(None, "cannot read"), ("{not json", "not valid JSON"),
+                                              ('{"type": "frobnicate"}', "frobnicate")])
+def test_cli_bad_schema_files_exit_2_with_one_line(tmp_path, content, fragment):
+    import subprocess
+    import sys
+
+    write_model("test-mha", tmp_path / "model")
+    schema = tmp_path / "s.json"
+    if content is not None:
+        schema.write_text(content)
+    r = subprocess.run([sys.executable, "-m", "vl2edge", "run", "--model", str(tmp_path / "model"), "--backend",
+                        "torch", "--prompt", "hi", "--json-schema", str(schema)], capture_output=True, text=True)
+    assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -307,6 +307,14 @@ def read_prompt_file(path) -> str:
         raise InputError(f"--prompt-file {name} is not valid UTF-8 text (byte {e.start})") from None
 
 
+def parsed_json(text: str):
+    """A structured answer as a value (None when its token budget ran out before the JSON closed)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def run_batch(pipe, inputs: list[str], prompt: str, out, resume: bool = False, progress: bool = True,
               **gen_kw) -> dict:
     """Answer `prompt` about every image/page; returns counts {"done", "skipped", "failed"}."""
@@ -342,6 +350,8 @@ def run_batch(pipe, inputs: list[str], prompt: str, out, resume: bool = False, p
                     res = pipe.chat([{"role": "user", "content": content}], [load()], **gen_kw)
                     record |= {"answer": res.text, "boxes": [b.as_dict() for b in res.boxes],
                                "finish_reason": res.finish_reason, "timings": res.timings}
+                    if gen_kw.get("response_format") is not None:  # structured: the answer parsed, or null
+                        record["json"] = parsed_json(res.text)
                     counts["done"] += 1
                 except VL2Error as e:
                     record["error"] = str(e)

@@ -49,7 +49,23 @@ def _load(a):
 
 def _gen(a) -> dict:
     return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p,
-            "repetition_penalty": a.repetition_penalty, "seed": a.seed}
+            "repetition_penalty": a.repetition_penalty, "seed": a.seed, "response_format": _json_format(a)}
+
+
+def _json_format(a):
+    """--json-schema FILE (or `object` for any JSON object) as a compiled `JsonFormat`; None without it."""
+    if a.json_schema is None:
+        return None
+    from .schema import load_file
+    from .structured import JsonFormat
+
+    if a.json_schema == "object":
+        return JsonFormat.any_object()
+    schema = load_file(a.json_schema, f"--json-schema {a.json_schema}")
+    try:
+        return JsonFormat.from_schema(schema, os.path.basename(a.json_schema))
+    except InputError as e:
+        raise InputError(f"--json-schema {a.json_schema}: {e}") from None
 
 
 def _offload_line(pipe) -> str | None:
@@ -204,9 +220,12 @@ def serve(a) -> None:
         raise InputError("the API key is empty (--api-key \"\" or an empty VL2EDGE_API_KEY, an unset variable?); "
                          "give a key, or leave both out to serve without one")
     pipe = _load(a)
+    name = a.served_name or os.path.basename(str(a.model).rstrip("/"))
+    aliases = tuple(n for n in dict.fromkeys((str(a.model), str(a.model).rstrip("/"))) if n != name)
     print(f"[vl2edge] serving {a.model} on http://{a.host}:{a.port}/v1 "
-          f"({'API key required' if key else 'no API key'})", file=sys.stderr)
-    run_server(pipe, host=a.host, port=a.port, name=a.served_name or os.path.basename(str(a.model).rstrip("/")),
+          f"({'API key required' if key else 'no API key'}); model names: {', '.join((name, *aliases))}",
+          file=sys.stderr)
+    run_server(pipe, host=a.host, port=a.port, name=name, aliases=aliases, cors_origins=tuple(a.cors_origin),
                api_key=key, allowed_root=a.allowed_root, allow_remote=a.allow_remote_images,
                max_queue=a.max_queue, limits=Limits(max_output_tokens=a.max_tokens))
 
@@ -329,6 +348,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--repetition-penalty", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--json-schema", metavar="FILE", default=None,
+                       help="answer JSON valid against this JSON schema (constrained decoding); 'object': any "
+                            "JSON object")
 
     r = sub.add_parser("run", help="answer one prompt about zero or more images, streaming the answer")
     model_args(r)
@@ -366,6 +388,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int_in(0, 1 << 16), default=16, help="requests that may wait; more get 429")
     s.add_argument("--max-tokens", type=int_in(1, 1 << 20), default=2048, help="cap on a request's max_tokens")
     s.add_argument("--served-name", help="model id reported by /v1/models (default: the directory name)")
+    s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (e.g. http://localhost:3000; '*' for any) to call the API; "
+                        "repeat for several")
     s.set_defaults(func=serve)
 
     i = sub.add_parser("info", help="parameters, sizes per recipe and what fits where, from the config alone")
