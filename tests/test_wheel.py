@@ -44,7 +44,8 @@ def test_wheel_ships_quant_and_export_inside_the_package(fresh_venv):
     wheel, _, _ = fresh_venv
     names = zipfile.ZipFile(wheel).namelist()
     for f in ("vl2edge/quant/convert.py", "vl2edge/quant/format.py", "vl2edge/export/build.py",
-              "vl2edge/models/loading.py", "vl2edge/cli.py"):
+              "vl2edge/models/loading.py", "vl2edge/cli.py", "vl2edge/ui.html", "vl2edge/kernels/moe.py",
+              "vl2edge/structured.py"):
         assert f in names, f
     assert not any(n.split("/")[0] in ("quant", "export", "tests", "bench") for n in names)
 

@@ -223,9 +223,11 @@ def serve(a) -> None:
     name = a.served_name or os.path.basename(str(a.model).rstrip("/"))
     aliases = tuple(n for n in dict.fromkeys((str(a.model), str(a.model).rstrip("/"))) if n != name)
     print(f"[vl2edge] serving {a.model} on http://{a.host}:{a.port}/v1 "
-          f"({'API key required' if key else 'no API key'}); model names: {', '.join((name, *aliases))}",
+          f"({'API key required' if key else 'no API key'}); model names: {', '.join((name, *aliases))}"
+          f"{'' if a.no_ui else f'; chat page: http://{a.host}:{a.port}/'}",
           file=sys.stderr)
     run_server(pipe, host=a.host, port=a.port, name=name, aliases=aliases, cors_origins=tuple(a.cors_origin),
+               ui=not a.no_ui,
                api_key=key, allowed_root=a.allowed_root, allow_remote=a.allow_remote_images,
                max_queue=a.max_queue, limits=Limits(max_output_tokens=a.max_tokens))
 
@@ -388,6 +390,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int_in(0, 1 << 16), default=16, help="requests that may wait; more get 429")
     s.add_argument("--max-tokens", type=int_in(1, 1 << 20), default=2048, help="cap on a request's max_tokens")
     s.add_argument("--served-name", help="model id reported by /v1/models (default: the directory name)")
+    s.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
     s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN (e.g. http://localhost:3000; '*' for any) to call the API; "
                         "repeat for several")

@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP server: POST /v1/chat/completions (streaming as server-sent events),
-GET /v1/models, GET /v1/models/{id}, GET /health. FastAPI + uvicorn.
+GET /v1/models, GET /v1/models/{id}, GET /health, and the built-in chat page at GET / (`ui=False`:
+off). FastAPI + uvicorn.
 
 Messages take OpenAI's shape: `content` is a string or a list of `{"type": "text", "text": ...}` and
 `{"type": "image_url", "image_url": {"url": ...}}` parts; every image becomes an `<image>` placeholder
@@ -55,7 +56,7 @@ import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -78,6 +79,10 @@ log = logging.getLogger("vl2edge.server")
 ROUTE_CODES = {404: "not_found", 405: "method_not_allowed"}
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CANCEL_POLL_S = 0.05  # how often a waiting or running request checks whether its client is still there
+UI_PAGE = Path(__file__).with_name("ui.html")
+# the page may load nothing from elsewhere: its own inline script and style, images from data: URLs only
+UI_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
+          "connect-src 'self'; base-uri 'none'; form-action 'none'")
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -151,9 +156,10 @@ class _Ticket:
 
 def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_root=None,
                allow_remote: bool = False, max_queue: int = 16, limits: Limits | None = None,
-               aliases: tuple[str, ...] = (), cors_origins: tuple[str, ...] = ()):
+               aliases: tuple[str, ...] = (), cors_origins: tuple[str, ...] = (), ui: bool = True):
     """The app. `name` is the model id /v1/models reports; a request's `model` may also be one of `aliases`
-    (the directory or hub id it was started with); `cors_origins` ("*" for any) enables CORS."""
+    (the directory or hub id it was started with); `cors_origins` ("*" for any) enables CORS; `ui` serves
+    the chat page (vl2edge/ui.html) at `/`."""
     if api_key is not None and not api_key.strip():
         raise InputError("refusing an empty API key: it would leave the server open to anyone (an unset shell "
                          "variable?); pass a non-empty key, or none to run without authentication")
@@ -225,6 +231,14 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
             raise HTTPError(400, f"the prompt is {tokens} tokens (images included); this server takes at most "
                                  f"{most - 1}", param="messages")
         return pipe.generation(conv, images, inputs=inputs, response_format=fmt, **options), stream, usage_chunk
+
+    if ui:
+        page = UI_PAGE.read_text(encoding="utf-8")
+
+        @app.get("/", include_in_schema=False)
+        async def index():
+            """The chat page: static, no secrets in it; its API calls carry the key the user types in."""
+            return HTMLResponse(page, headers={"content-security-policy": UI_CSP, "cache-control": "no-cache"})
 
     @app.get("/health")
     async def health():
