@@ -28,6 +28,23 @@ def first_token(model, proc, conv, image, extra_tokens: int, device=None):
     return time.perf_counter() - t0, T, tok, cache
 
 
+def ttft_and_decode(backend, proc, new_tokens: int, runs: int, device=None) -> dict:
+    """Medians over `runs` of TTFT for a 1024x768 image prompt and decode tok/s over `new_tokens` after it."""
+    import statistics
+
+    from vl2edge.synthetic import sample_image
+
+    image = sample_image().resize((1024, 768))
+    conv = [{"role": "user", "content": "<image>\nDescribe this image."}]
+    ttft, rates, T = [], [], 0
+    for _ in range(runs):
+        seconds, T, tok, cache = first_token(backend, proc, conv, image, new_tokens, device)
+        ttft.append(seconds)
+        rates.append(decode_rate(backend, tok, cache, new_tokens, device))
+    return {"ttft_s": round(statistics.median(ttft), 4), "decode_tok_s": round(statistics.median(rates), 1),
+            "prompt_tokens": T}
+
+
 def decode_rate(model, tok, cache, n: int, device=None) -> float:
     """Tokens per second over n - 1 greedy decode steps after the first token."""
     sync(device)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import SkewedRouting, decode_rate, first_token  # noqa: E402
+from bench.common import SkewedRouting, ttft_and_decode  # noqa: E402
 from vl2edge.generate import Backend  # noqa: E402
 from vl2edge.models.decode_step import StaticDecoder  # noqa: E402
 from vl2edge.models.experts import DenseExperts  # noqa: E402
@@ -50,7 +49,7 @@ from vl2edge.presets import preset  # noqa: E402
 from vl2edge.processor import Processor  # noqa: E402
 from vl2edge.quant.modules import QuantExperts  # noqa: E402
 from vl2edge.quant.recipes import Recipe  # noqa: E402
-from vl2edge.synthetic import sample_image, write_tokenizer  # noqa: E402
+from vl2edge.synthetic import write_tokenizer  # noqa: E402
 
 
 def random_model(name: str, dtype, seed: int = 0) -> VL2Model:
@@ -95,15 +94,7 @@ class TraceGate(torch.nn.Module):
 
 
 def measure(model: Backend, proc: Processor, new_tokens: int, runs: int, device) -> dict:
-    image = sample_image().resize((1024, 768))
-    conv = [{"role": "user", "content": "<image>\nDescribe this image."}]
-    ttft, rates = [], []
-    for _ in range(runs):
-        seconds, T, tok, cache = first_token(model, proc, conv, image, new_tokens, device)
-        ttft.append(seconds)
-        rates.append(decode_rate(model, tok, cache, new_tokens, device))
-    return {"ttft_s": round(statistics.median(ttft), 4), "decode_tok_s": round(statistics.median(rates), 1),
-            "prompt_tokens": T}
+    return ttft_and_decode(model, proc, new_tokens, runs, device)
 
 
 def quantized_experts(model: VL2Model, recipe: str = "int4-experts") -> VL2Model:

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import decode_rate, first_token  # noqa: E402
+from bench.common import ttft_and_decode  # noqa: E402
 from bench.profile_onnx import decoder_feeds, kernel_events, session  # noqa: E402
 from vl2edge.artifact import read_manifest  # noqa: E402
 
@@ -50,19 +50,6 @@ def placement(export: Path, provider: str) -> dict:
     per = Counter(ev["args"].get("provider", "?") for ev in events)
     fell = Counter(ev["args"]["op_name"] for ev in events if ev["args"].get("provider") != provider)
     return {"kernels_per_provider": dict(per), "op_types_not_on_provider": dict(fell)}
-
-
-def timings(backend, proc, device, new_tokens: int = 32, runs: int = 3) -> dict:
-    from vl2edge.synthetic import sample_image
-
-    image = sample_image().resize((1024, 768))
-    conv = [{"role": "user", "content": "<image>\nDescribe this image."}]
-    ttft, rates = [], []
-    for _ in range(runs):
-        seconds, _, tok, cache = first_token(backend, proc, conv, image, new_tokens, device)
-        ttft.append(seconds)
-        rates.append(decode_rate(backend, tok, cache, new_tokens, device))
-    return {"ttft_s": sorted(ttft)[len(ttft) // 2], "decode_tok_s": round(sorted(rates)[len(rates) // 2], 1)}
 
 
 def main() -> None:
@@ -93,11 +80,11 @@ def main() -> None:
         report: dict = {"provider": provider, "export": str(export), "placement": placement(export, provider)}
         device = torch.device(a.provider)
         ort_model = OnnxModel(export, device=a.provider)
-        report["onnx"] = timings(ort_model, Processor.from_pretrained(export), device)
+        report["onnx"] = ttft_and_decode(ort_model, Processor.from_pretrained(export), 32, 3, device)
         if ckpt is not None:
             model = load_model(ckpt, dtype="bfloat16" if a.provider == "cuda" else "float32", device=a.provider).model
             torch_side = StaticDecoder(model, graph=a.provider == "cuda")
-            report["torch"] = timings(torch_side, Processor.from_pretrained(ckpt), device)
+            report["torch"] = ttft_and_decode(torch_side, Processor.from_pretrained(ckpt), 32, 3, device)
     print(json.dumps(report, indent=1))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=1))

@@ -171,3 +171,14 @@ def expert_ptrs(w_ptr, s_ptr, z_ptr, w_stride, s_stride, z_stride, cw_ptr, cs_pt
         w, s, z = tl.where(cold, cw, w), tl.where(cold, cs, s), tl.where(cold, cz, z)
     return w, s, z
 
+
+@triton.jit
+def pair_expert(idx_ptr, rows_ptr, p, HAS_ROWS: tl.constexpr):
+    """(e, r) for (token, slot) pair p: its expert id, and the expert's stack row (the table's entry, -1 for
+    a cold expert; e itself without a table)."""
+    e = tl.load(idx_ptr + p).to(tl.int64)
+    r = e
+    if HAS_ROWS:
+        r = tl.load(rows_ptr + e).to(tl.int64)
+    return e, r
+

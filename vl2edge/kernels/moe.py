@@ -35,7 +35,16 @@ import triton.language as tl
 from vl2edge.models.experts import PROJECTIONS
 from vl2edge.quant.format import QuantSpec
 
-from .dequant import NUM_WARPS, bits_of, expert_ptrs, load_weight_tile, packed_dims, pick_blocks, require_dense
+from .dequant import (
+    NUM_WARPS,
+    bits_of,
+    expert_ptrs,
+    load_weight_tile,
+    packed_dims,
+    pair_expert,
+    pick_blocks,
+    require_dense,
+)
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -102,10 +111,7 @@ def _gate_up_kernel(x_ptr, idx_ptr, rows_ptr, h_ptr,
     p = tl.program_id(0)  # (token, slot) pair: t = p // A, a = p % A; the row of h
     pid_n = tl.program_id(1)
     t = p // A
-    e = tl.load(idx_ptr + p).to(tl.int64)
-    r = e
-    if HAS_ROWS:
-        r = tl.load(rows_ptr + e).to(tl.int64)
+    e, r = pair_expert(idx_ptr, rows_ptr, p, HAS_ROWS)
     gw, gs, gz = expert_ptrs(gw_ptr, gs_ptr, gz_ptr, g_ws, g_ss, g_zs, cgw_ptr, cgs_ptr, cgz_ptr, cg_ws, cg_ss,
                              cg_zs, e, r, HAS_COLD)
     uw, us, uz = expert_ptrs(uw_ptr, us_ptr, uz_ptr, u_ws, u_ss, u_zs, cuw_ptr, cus_ptr, cuz_ptr, cu_ws, cu_ss,
@@ -140,10 +146,7 @@ def _down_kernel(h_ptr, idx_ptr, rows_ptr, tw_ptr, y_ptr, dw_ptr, ds_ptr, dz_ptr
     out = tl.zeros([BLOCK_N], dtype=tl.float32)
     for a in range(A):  # slot order: the fp32 sum is deterministic
         p = t * A + a
-        e = tl.load(idx_ptr + p).to(tl.int64)
-        r = e
-        if HAS_ROWS:
-            r = tl.load(rows_ptr + e).to(tl.int64)
+        e, r = pair_expert(idx_ptr, rows_ptr, p, HAS_ROWS)
         dw, ds, dz = expert_ptrs(dw_ptr, ds_ptr, dz_ptr, d_ws, d_ss, d_zs, cdw_ptr, cds_ptr, cdz_ptr, cd_ws, cd_ss,
                                  cd_zs, e, r, HAS_COLD)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
