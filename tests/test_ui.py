@@ -61,11 +61,11 @@ class ScriptedDecoder:
         return self._next(cache)
 
 
-def _serve(pipe):
+def _serve(pipe, api_key=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(pipe, name="demo")
+    app = create_app(pipe, name="demo", api_key=api_key)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.time() + 20
@@ -168,5 +168,38 @@ def test_the_page_draws_grounding_boxes_and_stop_cancels(demo, browser, tmp_path
         while app.state.counters["cancelled"] < 1 and time.time() < deadline:
             time.sleep(0.05)
         assert app.state.counters["cancelled"] == 1 and app.state.counters["served"] == 0
+    finally:
+        server.should_exit = True
+
+
+def test_a_dropped_image_and_the_api_key(demo, browser):
+    """With --api-key the page's calls fail until the key is typed in; an image dropped on the page is sent."""
+    import base64
+
+    d, pipe = demo
+    server, app, url = _serve(pipe, api_key="sekret")
+    try:
+        page = browser.new_page(bypass_csp=True)
+        page.goto(url)
+        page.fill("#prompt", "hi")
+        page.click("#send")
+        page.wait_for_selector(".error", timeout=30_000)
+        assert "API key" in page.inner_text(".error") and app.state.counters["served"] == 0
+        page.fill("#key", "sekret")
+        page.dispatch_event("#key", "change")
+        b64 = base64.b64encode((d / "square.png").read_bytes()).decode()
+        transfer = page.evaluate_handle("""async (b64) => {
+            const blob = await (await fetch('data:image/png;base64,' + b64)).blob();
+            const t = new DataTransfer();
+            t.items.add(new File([blob], 'square.png', {type: 'image/png'}));
+            return t;
+        }""", b64)
+        page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+        page.wait_for_function("document.querySelectorAll('#drop img').length === 1")
+        page.fill("#prompt", "Describe this image.")
+        page.click("#send")
+        page.wait_for_selector(".assistant[data-done='1']", timeout=30_000)
+        assert page.locator(".user .figure img").count() == 1 and app.state.counters["served"] == 1
+        assert page.evaluate("sessionStorage.getItem('vl2edge-key')") == "sekret"  # kept for the tab only
     finally:
         server.should_exit = True
