@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vl2edge.kernels import available as kernels_available
 from vl2edge.models.experts import PROJECTIONS, DenseExperts, Experts, swiglu
 
 from .format import QuantSpec, dequantize, unpack, whole_blocks, zero_points
@@ -154,7 +155,8 @@ class QLinear(nn.Module):
             y = _int4_mm(x.reshape(-1, self.in_features), self._int4, self.spec.block_size)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
-        if self.kernel == "dequant" and x.is_cuda and x.numel() <= DECODE_ROWS * self.in_features:
+        if (self.kernel == "dequant" and x.is_cuda and x.numel() <= DECODE_ROWS * self.in_features
+                and whole_blocks(self.spec, self.in_features) and kernels_available()):
             from vl2edge.kernels.linear import qlinear  # decode rows: read the packed weight in place
 
             p = self.packed()

@@ -98,3 +98,38 @@ def test_int4_experts_graph_equals_eager_on_cuda():
     if float(margin[0] - margin[1]) > 0.05:  # greedy-identical where the first token's margin allows
         assert got[0] == eager[0]
     assert np.mean(np.array(got) == np.array(eager)) >= 0.75
+
+
+def test_evicting_an_expert_whose_copy_is_in_flight_leaves_the_table_right():
+    """Prefetch, then evict before the copies can have finished, many times: the device table must end equal to
+    the host's slot map (an eviction that overtook its copy's table write would leave a stale slot)."""
+    from vl2edge.models.experts import DenseExperts
+    from vl2edge.models.offload import ExpertStore, OffloadedExperts
+
+    g = torch.Generator().manual_seed(0)
+    dense = DenseExperts(16, 1024, 2048)
+    for p in dense.parameters():
+        p.copy_(torch.randn(p.shape, generator=g))
+    off = OffloadedExperts(ExpertStore(dense), 4, "cuda")
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        off.prefetch([int(e) for e in rng.choice(16, 4, replace=False)])
+        e = int(rng.integers(16))
+        off.acquire(e, keep={e})
+    torch.cuda.synchronize()
+    assert [int(v) for v in off.table.cpu()] == [off.lru.get(e, -1) for e in range(16)]
+
+
+def test_a_qlinear_of_partial_blocks_decodes_on_cuda():
+    """in_features not a whole number of blocks (Tiny's dense 6848 at block 128): the GEMV cannot read it, the
+    layer must fall back to dequantizing, not fail."""
+    from vl2edge.quant.format import QuantSpec, dequantize
+    from vl2edge.quant.modules import QLinear
+
+    lin = torch.nn.Linear(6848, 256, bias=False)
+    q = QLinear.from_linear(lin, QuantSpec(4, 128)).to("cuda")
+    q.prepare(torch.bfloat16)
+    x = torch.randn(1, 6848, device="cuda", dtype=torch.bfloat16)
+    p = q.packed()
+    ref = x.float() @ dequantize(q.spec, p["qweight"], p["scales"], None, K=6848).T
+    torch.testing.assert_close(q(x).float(), ref, rtol=2e-2, atol=2e-2)

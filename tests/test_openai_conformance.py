@@ -249,3 +249,31 @@ def test_a_timed_out_request_is_cancelled_and_one_that_left_the_queue_never_runs
     time.sleep(0.3)
     assert counters["served"] == served  # neither the stream nor the queued request finished
     assert counters["waiting"] == 0
+
+
+def test_a_client_gone_before_the_stream_starts_cancels_it(client, live, pipe):
+    """The client sends a slow-to-prepare request (a 12-megapixel image) and hangs up before any byte of the
+    answer: the generation must never hold the model (starlette never starts such a response's body)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    counters = live[1].state.counters
+    base = _next_request_latency(client)
+    buf = io.BytesIO()
+    Image.effect_noise((4000, 3000), 64).convert("RGB").save(buf, "PNG", compress_level=1)
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = json.dumps(_long(pipe) | {"stream": True, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe it."}]}]}).encode()
+    served, cancelled = counters["served"], counters["cancelled"]
+    host, port = live[0][len("http://"):].split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"authorization: Bearer " + KEY.encode() + b"\r\ncontent-length: " + str(len(body)).encode()
+                  + b"\r\n\r\n" + body)
+    deadline = time.time() + 20
+    while counters["cancelled"] == cancelled and time.time() < deadline:
+        time.sleep(0.05)
+    assert counters["cancelled"] == cancelled + 1 and counters["served"] == served
+    assert _next_request_latency(client) < base + 0.5

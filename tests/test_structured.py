@@ -125,3 +125,16 @@ def test_cli_bad_schema_files_exit_2_with_one_line(tmp_path, content, fragment):
                         "torch", "--prompt", "hi", "--json-schema", str(schema)], capture_output=True, text=True)
     assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_plan_that_cannot_finish_is_measured_once(pipes, monkeypatch):
+    """A schema whose shortest answer is longer than any plan (a 20000-character string): the closing plan is
+    simulated once, found hopeless and not re-simulated every few tokens (each costs a vocabulary-wide mask)."""
+    from vl2edge.structured import JsonConstraint
+
+    calls = []
+    real = JsonConstraint._measure
+    monkeypatch.setattr(JsonConstraint, "_measure", lambda self: calls.append(1) or real(self))
+    fmt = JsonFormat.from_schema({"type": "string", "minLength": 20000})
+    res = _ask(pipes["torch"], fmt, max_new_tokens=60, temperature=1.0, seed=0)
+    assert res.finish_reason == "length" and len(calls) == 1 and res.text.startswith('"')

@@ -99,6 +99,22 @@ def refusal(e: Exception) -> JSONResponse:
     return error_response(400, str(e), param=e.param)
 
 
+class CancellingStream(StreamingResponse):
+    """A streamed answer that cancels its generation however the response ends: finished, the client gone
+    mid-stream, or the client gone before the first byte (then starlette never starts the body at all)."""
+
+    def __init__(self, content, gen, on_end, **kw):
+        super().__init__(content, **kw)
+        self.gen, self.on_end = gen, on_end
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_end()
+            self.gen.cancel()
+
+
 class RequestIds:
     """ASGI middleware: every response gets `x-request-id`, the client's when it sent a sane one (letters,
     digits, `._:-`, at most 128), else a new one. Pure ASGI, so streaming and disconnects pass through."""
@@ -379,18 +395,22 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
                         break
                     else:
                         state["failed"] += 1
+                        failed.append(value)
                         msg = str(value) if isinstance(value, VL2Error) else "internal server error"
                         yield "data: " + json.dumps({"error": {"message": msg, "type": "server_error",
                                                                "param": None, "code": None}}) + "\n\n"
                         break
                 yield "data: [DONE]\n\n"
             finally:
-                if gen.result is None:
-                    state["cancelled"] += 1
                 gen.cancel()
 
+        def ended():
+            if gen.result is None and not failed:
+                state["cancelled"] += 1
+
+        failed: list = []
         threading.Thread(target=produce, daemon=True).start()
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return CancellingStream(events(), gen, ended, media_type="text/event-stream")
 
     app.state.counters = state
     return app

@@ -37,7 +37,7 @@ from .errors import InputError
 CLOSE_RANKS = {"}": 3, "]": 3, ",": 1, ":": 1, '"': 0.5}  # outside strings: the plan's preferences
 CHECK_EVERY = 8     # tokens between closing-plan measurements
 NEAR = 2            # closing starts with NEAR x the plan's length (+ 2 x CHECK_EVERY) tokens left
-MAX_PLAN = 512      # a closing plan longer than this is not followed (a pathological schema)
+MAX_PLAN = 512      # a closing plan longer than this is given up for the answer (a pathological schema)
 _VOCABS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -176,7 +176,8 @@ class JsonConstraint:
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """logits [1, V] -> the same with every token the grammar (or the closing plan) excludes at -inf."""
         allowed = self._allowed(self.matcher)
-        if not self.closing and self.since_check >= CHECK_EVERY:
+        hopeless = self.plan_len is not None and self.plan_len > MAX_PLAN  # never re-simulated: too costly
+        if not self.closing and not hopeless and self.since_check >= CHECK_EVERY:
             self.plan_len, self.since_check = self._measure(), 0
             # the plan may grow before the next measurement: close with NEAR x its length (+ slack) left
             self.closing = self.plan_len <= MAX_PLAN and self.left <= NEAR * self.plan_len + 2 * CHECK_EVERY

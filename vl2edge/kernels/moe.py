@@ -197,9 +197,10 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, g
             raise ValueError("cold stacks must have the slot stacks' shapes, one row per expert")
     device = x.device
     for t in (topk_idx, topk_w, rows, *gate.kernel_args()[:3], *up.kernel_args()[:3], *down.kernel_args()[:3]):
-        if isinstance(t, torch.Tensor) and t.device != device:
-            raise ValueError(f"all tensors must be on {device}, got one on {t.device}")
-    # cold stacks may live elsewhere (pinned host memory), as long as the device can address them
+        # weights may also be pinned host memory, which a CUDA kernel addresses in place (unified addressing)
+        if isinstance(t, torch.Tensor) and t.device != device and not (device.type == "cuda" and t.is_pinned()):
+            raise ValueError(f"all tensors must be on {device} (weights: or pinned host memory), got one on "
+                             f"{t.device}")
 
     x = x.contiguous()
     idx = topk_idx.contiguous()
@@ -245,7 +246,7 @@ def moe_offloaded(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor,
     """`moe_experts` for offloaded experts: `table` [E] expert -> slot (-1: not resident), `slots` the slot
     stacks [n_slots, ...] on the device, `store` every expert's stacks [E, ...] (pinned host memory)."""
     sg, su, sd = store_w = projection_weights(store, spec)
-    if next(iter(slots.values())).shape[0] == 0:  # no slots: everything from the store
+    if next(iter(slots.values())).shape[0] == 0:  # no slots: everything in place from the (pinned) store
         return moe_experts(x, topk_idx, topk_w, sg, su, sd, spec)
     g, u, d = projection_weights(slots, spec)
     return moe_experts(x, topk_idx, topk_w, g, u, d, spec, rows=table, cold=store_w)

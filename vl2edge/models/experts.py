@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vl2edge.kernels import available as kernels_available
 from vl2edge.quant.format import QuantSpec, dequantize
 
 DECODE_MAX_ROWS = 16  # (token, slot) pairs up to which the per-pair decode path is used
@@ -109,7 +110,7 @@ class Experts(nn.Module):
     def forward_static(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         """`forward` without host synchronisation (the ids are never read on the host): on CUDA the Triton
         kernel over the weights in place, else gathered weights in batched matmuls. P = T*A pairs."""
-        stacks = self.kernel_stacks() if x.is_cuda else None
+        stacks = self.kernel_stacks() if x.is_cuda and kernels_available() else None
         if stacks is not None:
             from vl2edge.kernels.moe import moe_experts, projection_weights
 

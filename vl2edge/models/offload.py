@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vl2edge.kernels import available as kernels_available
 from vl2edge.placement import Plan, plan_sizes
 from vl2edge.quant.format import whole_blocks
 
@@ -175,7 +176,9 @@ class OffloadedExperts(Experts):
         """Drop expert e from its slot; returns the slot (now unowned)."""
         slot = self.lru.pop(e)
         self.pending.discard(e)
-        self.ready.pop(e, None)
+        copied = self.ready.pop(e, None)
+        if copied is not None:  # its copy (and the table write after it) may still be in flight: order the
+            torch.cuda.current_stream(self.device).wait_event(copied)  # clearing after it, never before
         self.table[e] = -1  # on the compute stream: later steps read e from the store
         return slot
 
@@ -254,8 +257,9 @@ class OffloadedExperts(Experts):
 
     @property
     def static_ready(self) -> bool:
-        """On CUDA the static step reads these experts with the kernel, which needs whole quant blocks."""
-        return self.device.type != "cuda" or whole_blocks(self.spec, self.hidden, self.inter)
+        """On CUDA the static step reads these experts with the kernel (triton; whole quant blocks)."""
+        return self.device.type != "cuda" or (kernels_available() and whole_blocks(self.spec, self.hidden,
+                                                                                     self.inter))
 
     def forward_static(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         """Sync-free: residents from their slots by the table, the rest in place from the store."""
