@@ -172,8 +172,9 @@ def test_the_page_draws_grounding_boxes_and_stop_cancels(demo, browser, tmp_path
         server.should_exit = True
 
 
-def test_a_dropped_image_and_the_api_key(demo, browser):
-    """With --api-key the page's calls fail until the key is typed in; an image dropped on the page is sent."""
+def test_dropped_and_pasted_images_and_the_api_key(demo, browser):
+    """With --api-key the page's calls fail until the key is typed in; images dropped on or pasted into the page
+    are sent."""
     import base64
 
     d, pipe = demo
@@ -201,5 +202,16 @@ def test_a_dropped_image_and_the_api_key(demo, browser):
         page.wait_for_selector(".assistant[data-done='1']", timeout=30_000)
         assert page.locator(".user .figure img").count() == 1 and app.state.counters["served"] == 1
         assert page.evaluate("sessionStorage.getItem('vl2edge-key')") == "sekret"  # kept for the tab only
+        page.evaluate("""async (b64) => {  // an image pasted into the page joins the next message
+            const blob = await (await fetch('data:image/png;base64,' + b64)).blob();
+            const t = new DataTransfer();
+            t.items.add(new File([blob], 'pasted.png', {type: 'image/png'}));
+            document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: t}));
+        }""", b64)
+        page.wait_for_function("document.querySelectorAll('#drop img').length === 1")
+        page.fill("#prompt", "And this one?")
+        page.click("#send")
+        page.wait_for_function("document.querySelectorAll(\".assistant[data-done='1']\").length === 2", timeout=30_000)
+        assert page.locator(".user .figure img").count() == 2 and app.state.counters["served"] == 2
     finally:
         server.should_exit = True
