@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -294,11 +296,22 @@ def _cpu_only(device: str) -> bool:
         return True
     if device not in (None, "auto"):
         return False
+    if not _gpu_nodes():
+        return True  # plainly no GPU: not worth importing torch (about a second) to ask
     try:
         import torch
     except ImportError:
         return True
     return not torch.cuda.is_available()
+
+
+def _gpu_nodes() -> bool:
+    """Whether this machine may have a CUDA GPU: on Linux, an NVIDIA driver or device node, or WSL's GPU device;
+    elsewhere we cannot tell cheaply, so yes."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return (Path("/proc/driver/nvidia").exists() or Path("/dev/dxg").exists()
+            or any(Path("/dev").glob("nvidia[0-9]*")))
 
 
 def _onnx_pipeline(path, device: str, threads: int | None, vision: str | None = None) -> Pipeline:
