@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import SkewedRouting, ttft_and_decode  # noqa: E402
-from vl2edge.generate import Backend  # noqa: E402
 from vl2edge.models.decode_step import StaticDecoder  # noqa: E402
 from vl2edge.models.experts import DenseExperts  # noqa: E402
 from vl2edge.models.language import MoEGate  # noqa: E402
@@ -93,10 +92,6 @@ class TraceGate(torch.nn.Module):
         return idx, torch.full(idx.shape, 1.0 / self.k, device=x.device)
 
 
-def measure(model: Backend, proc: Processor, new_tokens: int, runs: int, device) -> dict:
-    return ttft_and_decode(model, proc, new_tokens, runs, device)
-
-
 def quantized_experts(model: VL2Model, recipe: str = "int4-experts") -> VL2Model:
     """Swap each MoE layer's dense experts for packed ones (the recipe's expert spec)."""
     spec = Recipe(recipe).spec("language.model.layers.1.mlp.experts.0.gate_proj.weight")
@@ -113,7 +108,8 @@ def run_model(name: str, args, device, dtype, proc, deadline: float) -> list[dic
             return
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        r = {"model": name, "setting": label, **measure(backend, proc, args.new_tokens, args.runs, device), **extra}
+        r = {"model": name, "setting": label, **ttft_and_decode(backend, proc, args.new_tokens, args.runs, device),
+             **extra}
         if device.type == "cuda":
             r["peak_gpu_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         if any(isinstance(m, OffloadedExperts) for m in model.modules()):

@@ -252,7 +252,11 @@ class QuantExperts(Experts):
             return dict(zip(PROJECTIONS, self._w)), None
         if self.kernel != "dequant" or not whole_blocks(self.spec, self.hidden, self.inter):
             return None
-        return {f"{p}.{k}": t for p in PROJECTIONS for k, t in self.stack(p).tensors().items()}, self.spec
+        return self._packed_stacks(), self.spec
+
+    def _packed_stacks(self) -> dict[str, torch.Tensor]:
+        """Every packed [E, ...] stack, named as `expert_tensors` names an expert's (`gate_proj.qweight`, ...)."""
+        return {f"{p}.{k}": t for p in PROJECTIONS for k, t in self.stack(p).tensors().items()}
 
     def gathered_weights(self, idx: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
         """The experts `idx` [P] dequantized (dequant kernel) or gathered (dense); the CPU int4 kernel holds
@@ -262,8 +266,7 @@ class QuantExperts(Experts):
             return [w[idx].to(dtype) for w in self._w]
         if self.kernel != "dequant":
             raise NotImplementedError(f"the {self.kernel!r} expert kernel has no sync-free decode path")
-        return self.stacked_weights({f"{p}.{k}": t[idx] for p in PROJECTIONS
-                                     for k, t in self.stack(p).tensors().items()}, dtype)
+        return self.stacked_weights({k: t[idx] for k, t in self._packed_stacks().items()}, dtype)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "int4pack":

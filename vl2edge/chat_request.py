@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .images import load_image
+from .sampling import MAX_BIAS
 from .schema import Fields, check_text, loads
 
 BODY = "the request body"
@@ -188,8 +189,8 @@ def _logit_bias(body: Fields, vocab_size: int | None) -> dict[int, float] | None
     for k, v in bias.items():
         if not (k.isascii() and k.isdigit() and len(k) < 12 and (top is None or int(k) <= top)):
             raise HTTPError(400, f"logit_bias: {k[:40]!r} is not a token id (0..{top})", param="logit_bias")
-        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100):
-            raise HTTPError(400, f"logit_bias[{k}] must be a number in [-100, 100], got {str(v)[:40]}",
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and -MAX_BIAS <= v <= MAX_BIAS):
+            raise HTTPError(400, f"logit_bias[{k}] must be a number in [-{MAX_BIAS}, {MAX_BIAS}], got {str(v)[:40]}",
                             param="logit_bias")
         out[int(k)] = float(v)
     return out

@@ -39,7 +39,8 @@ class Decoder(Protocol):
 class Backend(Decoder, Protocol):
     """A decoder that also embeds prompts and knows its model (what `vl2edge.pipeline.Pipeline` runs)."""
 
-    config: VL2Config
+    @property
+    def config(self) -> VL2Config: ...
 
     def embed(self, input_ids: Any, images: Any = None, images_seq_mask: Any = None,
               images_spatial_crop: Any = None) -> Any:

@@ -18,6 +18,8 @@ import numpy as np
 
 from .errors import InputError
 
+MAX_BIAS = 100  # logit_bias values lie in [-MAX_BIAS, MAX_BIAS] (OpenAI's range)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -43,8 +45,10 @@ class SamplingParams:
             if not -2 <= getattr(self, name) <= 2:
                 raise InputError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         for tok, bias in self.logit_bias:
-            if not (isinstance(tok, int) and tok >= 0 and isinstance(bias, (int, float)) and -100 <= bias <= 100):
-                raise InputError(f"logit_bias maps token ids to biases in [-100, 100], got {tok!r}: {bias!r}")
+            number = isinstance(bias, (int, float)) and -MAX_BIAS <= bias <= MAX_BIAS
+            if not (isinstance(tok, int) and tok >= 0 and number):
+                raise InputError(f"logit_bias maps token ids to biases in [-{MAX_BIAS}, {MAX_BIAS}], got {tok!r}: "
+                                 f"{bias!r}")
 
     @property
     def greedy(self) -> bool:

@@ -235,8 +235,7 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
         refuse_unsupported(body)
         options = generation_options(body, limits, pipe.vocab_size)
         stream = body.boolean("stream", False)
-        usage_chunk = body.sub("stream_options", {}).boolean("include_usage", False) \
-            if body.has("stream_options") else False
+        usage_chunk = body.sub("stream_options", {}).boolean("include_usage", False)
         if body.has("stream_options") and not stream:
             raise HTTPError(400, "stream_options is only allowed with stream: true", param="stream_options")
         fmt = response_format(body)
@@ -381,28 +380,25 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
             return event([{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}])
 
         async def events():
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    kind, value = await pieces.get()
-                    if kind == "piece":
-                        yield chunk({"content": value[0]}, logprobs=value[1])
-                    elif kind == "done":
-                        state["served"] += 1
-                        yield chunk({}, value.finish_reason, logprobs=gen.new_logprobs())
-                        if usage_chunk:
-                            yield event([], usage=usage(value), vl2edge=extra(value))
-                        break
-                    else:
-                        state["failed"] += 1
-                        failed.append(value)
-                        msg = str(value) if isinstance(value, VL2Error) else "internal server error"
-                        yield "data: " + json.dumps({"error": {"message": msg, "type": "server_error",
-                                                               "param": None, "code": None}}) + "\n\n"
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                gen.cancel()
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                kind, value = await pieces.get()
+                if kind == "piece":
+                    yield chunk({"content": value[0]}, logprobs=value[1])
+                elif kind == "done":
+                    state["served"] += 1
+                    yield chunk({}, value.finish_reason, logprobs=gen.new_logprobs())
+                    if usage_chunk:
+                        yield event([], usage=usage(value), vl2edge=extra(value))
+                    break
+                else:
+                    state["failed"] += 1
+                    failed.append(value)
+                    msg = str(value) if isinstance(value, VL2Error) else "internal server error"
+                    yield "data: " + json.dumps({"error": {"message": msg, "type": "server_error",
+                                                           "param": None, "code": None}}) + "\n\n"
+                    break
+            yield "data: [DONE]\n\n"
 
         def ended():
             if gen.result is None and not failed:

@@ -139,6 +139,7 @@ class JsonConstraint:
         self.matcher = llg.LLMatcher(vocab.tokenizer, fmt.grammar, log_level=0)
         if self.matcher.is_error():
             raise InputError(f"the response format cannot be used: {self.matcher.get_error()[:500]}")
+        self.fill = llg.numpy.fill_next_token_bitmask
         self.bits = llg.numpy.allocate_token_bitmask(1, vocab.outside.shape[0])
         self.string = (False, False)  # (inside a string, after a backslash) at the end of the answer so far
         self.closing = False
@@ -147,8 +148,7 @@ class JsonConstraint:
 
     def _allowed(self, matcher) -> np.ndarray:
         """bool [V]: the tokens the grammar allows next."""
-        llg = _llguidance()
-        llg.numpy.fill_next_token_bitmask(matcher, self.bits)
+        self.fill(matcher, self.bits)
         bits = np.unpackbits(self.bits.view(np.uint8), bitorder="little")[: self.vocab.outside.shape[0]]
         return bits.astype(bool)
 

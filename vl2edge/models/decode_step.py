@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vl2edge.config import VL2Config
+
 from .cache import KVCache
 from .experts import Experts
 from .language import LanguageModel
@@ -124,9 +126,12 @@ class StaticDecoder:
         if graph and model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device (graph=False runs the step eagerly)")
         self.model, self.graph = model, graph
-        self.config = model.config
         self._slots: dict[int, _Slot] = {}
         self._offloaded = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
+
+    @property
+    def config(self) -> VL2Config:
+        return self.model.config
 
     @staticmethod
     def supports(model: VL2Model) -> bool:
