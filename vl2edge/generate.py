@@ -11,7 +11,7 @@ adjusted logits and choice to `observe` (logprobs), and stop between steps when 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -48,6 +48,31 @@ class Backend(Decoder, Protocol):
         ...
 
 
+@runtime_checkable
+class SlotDecoder(Protocol):
+    """A decoder whose cache holds `slots` independent rows, each at its own position (what the continuous
+    batching engine, vl2edge/engine.py, drives). Rows 0..R-1 are the running ones: `decode_rows` feeds
+    one token to each; `prefill_row` appends a prompt chunk to one row; `move_row` keeps the rows dense."""
+
+    def new_slots(self, slots: int, max_len: int) -> Any: ...
+
+    def prefill_row(self, embeds: Any, cache: Any, row: int) -> np.ndarray:
+        """Append a chunk [1, T, D] to row `row` (after its own positions); float32 logits [1, V] of its last."""
+        ...
+
+    def decode_rows(self, token_ids: np.ndarray, cache: Any) -> np.ndarray:
+        """One token for each of rows 0..R-1 ([R], each at its own position); float32 logits [R, V]."""
+        ...
+
+    def move_row(self, cache: Any, src: int, dst: int) -> None:
+        """Row `src`'s positions become row `dst`'s; `src` is left empty."""
+        ...
+
+    def clear_row(self, cache: Any, row: int) -> None:
+        """Empty row `row` (its positions are forgotten)."""
+        ...
+
+
 def prefill(decoder: Decoder, embeds, attention_mask: np.ndarray, cache, chunk_size: int = DEFAULT_CHUNK) -> np.ndarray:
     """Run the prompt through the decoder in chunks of `chunk_size` positions; logits of the last one."""
     T = attention_mask.shape[1]
@@ -71,6 +96,38 @@ class Constraint(Protocol):
         ...
 
 
+class Sequence:
+    """One row's choices: its sampling parameters, random stream, history (for the penalties), grammar and
+    observer. `next(logits)` picks the row's next token; `finished` once it chose eos or its last token.
+    `generate` drives one per row of a static batch, `vl2edge.engine.Engine` one per request."""
+
+    def __init__(self, *, max_new_tokens: int, eos_id: int | None, params: SamplingParams | None = None,
+                 rng: np.random.Generator | None = None, prompt_ids: np.ndarray | None = None,
+                 constraint: Constraint | None = None,
+                 observe: Callable[[np.ndarray, np.ndarray], None] | None = None):
+        self.max_new_tokens, self.eos_id, self.constraint, self.observe = max_new_tokens, eos_id, constraint, observe
+        self.params = params or SamplingParams()
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self.seen = np.asarray(prompt_ids if prompt_ids is not None else np.zeros(0), np.int64).reshape(-1)
+        self.answer = np.zeros(0, np.int64)
+        self.finished = False
+
+    def next(self, logits: np.ndarray) -> int:
+        """logits [1, V] of the next position -> the chosen token (recorded in the history)."""
+        x = adjust(logits, self.params, [self.seen], [self.answer])
+        if self.constraint is not None:
+            x = self.constraint.mask(x)
+        tok = choose(x, self.params, self.rng)
+        if self.observe is not None:
+            self.observe(x, tok)
+        t = int(tok[0])
+        if self.constraint is not None:
+            self.constraint.consume(t)
+        self.seen, self.answer = np.append(self.seen, t), np.append(self.answer, t)
+        self.finished = t == self.eos_id or len(self.answer) >= self.max_new_tokens
+        return t
+
+
 def generate(decoder: Decoder, embeds, attention_mask: np.ndarray, *, max_new_tokens: int, eos_id: int | None,
              params: SamplingParams | None = None, rng: np.random.Generator | None = None,
              prompt_ids: np.ndarray | None = None, chunk_size: int = DEFAULT_CHUNK,
@@ -79,37 +136,25 @@ def generate(decoder: Decoder, embeds, attention_mask: np.ndarray, *, max_new_to
     """Yield the next token of every row [B] until all rows produced eos or max_new_tokens is reached.
 
     A row that has finished keeps yielding eos. `prompt_ids` feed the repetition penalty's history.
-    `constraint` (B = 1) masks each step's logits; `observe(logits, tokens)` sees each step's adjusted (and
-    masked) logits [B, V] and its choice [B]; `cancelled()` is asked before the prompt and after every step.
+    `constraint` (B = 1) masks each step's logits; `observe(logits, tokens)` (B = 1) sees each step's adjusted
+    (and masked) logits [1, V] and its choice [1]; `cancelled()` is asked before the prompt and after every
+    step. The rows share `rng`, drawn row after row.
     """
     B, T = attention_mask.shape
     rng = rng if rng is not None else np.random.default_rng()
-    params = params or SamplingParams()
-    if constraint is not None and B != 1:
-        raise ValueError("a constraint applies to one row")
+    if (constraint is not None or observe is not None) and B != 1:
+        raise ValueError("a constraint or an observer applies to one row")
     if max_new_tokens <= 0 or (cancelled is not None and cancelled()):
         return
     cache = decoder.new_cache(B, T + max_new_tokens)
     logits = prefill(decoder, embeds, attention_mask, cache, chunk_size)
-    seen = [np.asarray(prompt_ids[b][attention_mask[b]]) if prompt_ids is not None else np.zeros(0, np.int64)
-            for b in range(B)]
-    answer: list[np.ndarray] = [np.zeros(0, np.int64) for _ in range(B)]
-    done = np.zeros(B, dtype=bool)
-    for step in range(max_new_tokens):
-        x = adjust(logits, params, seen, answer)
-        if constraint is not None:
-            x = constraint.mask(x)
-        tok = choose(x, params, rng)
-        if eos_id is not None:
-            tok = np.where(done, eos_id, tok)
-            done |= tok == eos_id
-        if observe is not None:
-            observe(x, tok)
-        if constraint is not None:
-            constraint.consume(int(tok[0]))
+    rows = [Sequence(max_new_tokens=max_new_tokens, eos_id=eos_id, params=params, rng=rng,
+                     prompt_ids=None if prompt_ids is None else np.asarray(prompt_ids[b])[attention_mask[b]],
+                     constraint=constraint, observe=observe) for b in range(B)]
+    for _ in range(max_new_tokens):
+        tok = np.array([eos_id if row.finished else row.next(logits[b:b + 1]) for b, row in enumerate(rows)],
+                       dtype=np.int64)
         yield tok
-        if done.all() or step == max_new_tokens - 1 or (cancelled is not None and cancelled()):
+        if all(row.finished for row in rows) or (cancelled is not None and cancelled()):
             return
-        seen = [np.append(s, t) for s, t in zip(seen, tok)]
-        answer = [np.append(a, t) for a, t in zip(answer, tok)]
         logits = decoder.decode(tok, cache)

@@ -1,11 +1,12 @@
 """The ONNX Runtime backend: the decoder interface over an exported artifact directory, without torch.
 
-`OnnxModel(dir)` implements what `generate.py` drives (`new_cache`, `prefill`, `decode`) plus
-`embed` (token embeddings gathered from a memory-mapped table, image features from the vision graph,
-laid out by `vl2edge.layout.image_layout`). The tiles of a prompt go through the vision graph in chunks
-of VISION_BATCH tiles (sized for the cache: measured by bench/vision_int8.py).
-The CUDA execution provider is used when `onnxruntime-gpu` is installed and a GPU is visible;
-threads default to the number of physical cores. See export/build.py for the directory layout.
+`OnnxModel(dir)` implements what `generate.py` drives (`new_cache`, `prefill`, `decode`), the slot
+interface of the continuous-batching engine (`new_slots`, `prefill_row`, `decode_rows`, `move_row`,
+`clear_row`; rows at different positions, see `OnnxSlots`), and `embed` (token embeddings gathered from a
+memory-mapped table, image features from the vision graph, laid out by `vl2edge.layout.image_layout`).
+The tiles of a prompt go through the vision graph in chunks of VISION_BATCH tiles (sized for the cache:
+measured by bench/vision_int8.py). The CUDA execution provider is used when `onnxruntime-gpu` is installed
+and a GPU is visible; threads default to the number of physical cores. See export/build.py for the directory layout.
 """
 
 from __future__ import annotations
@@ -60,6 +61,31 @@ class OnnxCache:
             import onnxruntime as ort
 
             self.values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in pasts.items()}
+
+
+class OnnxSlots:
+    """The engine's cache: per past tensor one buffer of `slots` rows x `max_len` positions, and each row's
+    length. GroupQueryAttention graphs update the buffer in place: a call binds rows 0..R-1 (or one row) as past
+    and present, with right-padded masks (a row's ones cover its own positions), so each row attends to, and
+    writes at, its own length. Concatenating graphs (MLA, plain ops) get rows 0..R-1 cut to the longest row as
+    past, with the gap between a row's length and the longest masked out (positions count the mask's ones, so
+    the new token's position is the row's length); the new column goes back to each row's own position."""
+
+    def __init__(self, layout: dict, names: list[str], slots: int, max_len: int):
+        self.shared, self.axis, self.max_len = layout.get("shared_buffer", False), layout["sequence_axis"], max_len
+        shape = list(layout["shape"])
+        shape[0], shape[self.axis] = slots, max_len
+        self.buffers = {n: np.zeros(shape, np.float32) for n in names}
+        self.lengths = np.zeros(slots, np.int64)
+
+    def seq(self, rows: slice | np.ndarray, positions) -> tuple:
+        """The index of `positions` (a slice or an index array) along the sequence axis, for `rows`."""
+        return (rows,) + (slice(None),) * (self.axis - 1) + (positions,)
+
+    def reserve(self, rows: slice, T: int) -> None:
+        if (self.lengths[rows] + T > self.max_len).any():
+            raise InputError(f"slot full: {int(self.lengths[rows].max()) + T} positions needed, "
+                             f"{self.max_len} allocated")
 
 
 class OnnxModel:
@@ -186,6 +212,68 @@ class OnnxModel:
     def decode(self, token_ids, cache: OnnxCache) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
         return self._run(self.embed(ids), cache, np.ones_like(ids))
+
+    # -- the slot interface (continuous batching) ------------------------------------------------------
+
+    def new_slots(self, slots: int, max_len: int) -> OnnxSlots:
+        return OnnxSlots(self.cache_layout, self.past_names, slots, max_len)
+
+    def prefill_row(self, embeds, cache: OnnxSlots, row: int) -> np.ndarray:
+        T, rows = np.asarray(embeds).shape[1], slice(row, row + 1)
+        cache.reserve(rows, T)
+        n = int(cache.lengths[row])
+        logits, presents = self._run_rows(embeds, cache, rows, np.ones((1, n + T), np.int64))
+        for name, present in presents.items():  # concatenating graphs: the chunk's columns into the row
+            cache.buffers[name][cache.seq(rows, slice(n, n + T))] = present[cache.seq(slice(None), slice(n, n + T))]
+        cache.lengths[row] += T
+        return logits
+
+    def decode_rows(self, token_ids, cache: OnnxSlots) -> np.ndarray:
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
+        R, rows = ids.shape[0], slice(0, ids.shape[0])
+        cache.reserve(rows, 1)
+        n = cache.lengths[:R]
+        S = int(n.max()) + 1
+        mask = (np.arange(S)[None] <= n[:, None]).astype(np.int64)   # [R, S]: each row's own positions + the new one
+        if not cache.shared:
+            mask[:, -1] = 1                                          # the new column sits after the longest row
+            mask[np.arange(R), n] = n == S - 1
+        logits, presents = self._run_rows(self.embed(ids), cache, rows, mask)
+        for name, present in presents.items():
+            cache.buffers[name][cache.seq(np.arange(R), n)] = present[cache.seq(np.arange(R), np.full(R, S - 1))]
+        cache.lengths[:R] += 1
+        return logits
+
+    def _run_rows(self, embeds, cache: OnnxSlots, rows: slice, mask: np.ndarray) -> tuple[np.ndarray, dict]:
+        """One decoder run over `rows` of the slot buffers: logits, and (concatenating graphs) the presents."""
+        embeds = np.ascontiguousarray(embeds, np.float32)
+        if cache.shared:
+            io = self.decoder.io_binding()
+            io.bind_cpu_input("inputs_embeds", embeds)
+            io.bind_cpu_input("attention_mask", mask)
+            io.bind_output("logits")
+            import onnxruntime as ort
+
+            for past, present in zip(self.past_names, self.present_names):
+                view = ort.OrtValue.ortvalue_from_numpy(cache.buffers[past][rows])  # rows of the buffer, no copy
+                io.bind_ortvalue_input(past, view)
+                io.bind_ortvalue_output(present, view)
+            self.decoder.run_with_iobinding(io)
+            return io.get_outputs()[0].numpy(), {}
+        past_len = mask.shape[1] - embeds.shape[1]
+        feeds = {n: np.ascontiguousarray(cache.buffers[n][cache.seq(rows, slice(0, past_len))])
+                 for n in self.past_names}
+        out = self.decoder.run(None, {"inputs_embeds": embeds, "attention_mask": mask, **feeds})
+        return out[0], dict(zip(self.past_names, out[1:1 + len(self.past_names)]))
+
+    def move_row(self, cache: OnnxSlots, src: int, dst: int) -> None:
+        n = int(cache.lengths[src])
+        for buf in cache.buffers.values():
+            buf[cache.seq(slice(dst, dst + 1), slice(0, n))] = buf[cache.seq(slice(src, src + 1), slice(0, n))]
+        cache.lengths[dst], cache.lengths[src] = n, 0
+
+    def clear_row(self, cache: OnnxSlots, row: int) -> None:
+        cache.lengths[row] = 0
 
     def verify_files(self) -> list[str]:
         return verify_files(self.root)

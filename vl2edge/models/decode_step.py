@@ -36,6 +36,7 @@ from .experts import Experts
 from .language import LanguageModel
 from .model import VL2Model
 from .offload import OffloadedExperts
+from .slot_cache import SlotCache
 
 MIN_POSITIONS = 1024  # smallest cache a StaticDecoder allocates (then powers of two)
 
@@ -181,3 +182,19 @@ class StaticDecoder:
             for m, c in zip(self._offloaded, counts):
                 m.rebalance(c)
         return out
+
+    # the slot interface (continuous batching): the model's eager batched step; the graphed step serves one answer
+    def new_slots(self, slots: int, max_len: int) -> SlotCache:
+        return self.model.new_slots(slots, max_len)
+
+    def prefill_row(self, embeds: torch.Tensor, cache: SlotCache, row: int) -> np.ndarray:
+        return self.model.prefill_row(embeds, cache, row)
+
+    def decode_rows(self, token_ids, cache: SlotCache) -> np.ndarray:
+        return self.model.decode_rows(token_ids, cache)
+
+    def move_row(self, cache: SlotCache, src: int, dst: int) -> None:
+        cache.move(src, dst)
+
+    def clear_row(self, cache: SlotCache, row: int) -> None:
+        cache.clear(row)

@@ -2,7 +2,8 @@
 
 Modules and the forward/decoder interface only (loading is `vl2edge.models.loading.load_model`).
 `logits(...)` is the reference's forward (all positions); `new_cache` / `prefill` / `decode` are the
-decoder interface `vl2edge.generate` drives.
+decoder interface `vl2edge.generate` drives, `new_slots` / `prefill_row` / `decode_rows` / `move_row` /
+`clear_row` the slot interface of the continuous-batching engine (`vl2edge.engine`).
 Reference: `deepseek_vl2/models/modeling_deepseek_vl_v2.py` (`MlpProjector`,
 `DeepseekVLV2ForCausalLM.prepare_inputs_embeds`).
 
@@ -22,6 +23,7 @@ from vl2edge.layout import gather_rows, image_layout
 
 from .cache import KVCache
 from .language import LanguageModel
+from .slot_cache import SlotCache
 from .vision import VisionTower
 
 
@@ -131,3 +133,26 @@ class VL2Model(nn.Module):
         """Feed one token per row [B]; float32 logits of the next position [B, V]."""
         ids = _tensor(np.asarray(token_ids, dtype=np.int64).reshape(-1, 1), device=self.device)
         return self.language(self.language.embed(ids), cache, None, last_only=True).cpu().numpy()
+
+    # -- the slot interface (continuous batching) ------------------------------------------------------
+
+    def new_slots(self, slots: int, max_len: int) -> SlotCache:
+        return SlotCache(self.config.language_config, slots, max_len, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def prefill_row(self, embeds: torch.Tensor, cache: SlotCache, row: int) -> np.ndarray:
+        """Append a chunk [1, T, D] to row `row`; float32 logits of its last position [1, V]."""
+        return self.language(_tensor(embeds, device=self.device), cache.chunk(row), None,
+                             last_only=True).cpu().numpy()
+
+    @torch.inference_mode()
+    def decode_rows(self, token_ids, cache: SlotCache) -> np.ndarray:
+        """One token for each of rows 0..R-1 [R], each at its own position; float32 logits [R, V]."""
+        ids = _tensor(np.asarray(token_ids, dtype=np.int64).reshape(-1, 1), device=self.device)
+        return self.language(self.language.embed(ids), cache.step(ids.shape[0]), None, last_only=True).cpu().numpy()
+
+    def move_row(self, cache: SlotCache, src: int, dst: int) -> None:
+        cache.move(src, dst)
+
+    def clear_row(self, cache: SlotCache, row: int) -> None:
+        cache.clear(row)
