@@ -22,6 +22,7 @@ Bad input, and what it gets:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -29,6 +30,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import InputError, VL2Error
@@ -88,9 +90,10 @@ def _failing(error: InputError) -> Loader:
     return load
 
 
-def items(path: Path) -> Iterator[tuple[int | None, Loader]]:
+def items(path: Path, only: int | None = None) -> Iterator[tuple[int | None, Loader]]:
     """(page, load) pairs of one file: page None for an image, 1.. for PDF pages. `load()` returns what
-    the pipeline takes (a path or a rendered page) or raises the InputError to report for that item."""
+    the pipeline takes (a path or a rendered page) or raises the InputError to report for that item.
+    `only`: the PDF page to list, and no other (how a Ray actor finds its item again)."""
     if path.is_dir():  # a folder os.walk could not list
         try:
             os.listdir(path)
@@ -100,7 +103,7 @@ def items(path: Path) -> Iterator[tuple[int | None, Loader]]:
     if not _is_pdf(path):
         yield None, _returning(path)
         return
-    yield from _pdf_pages(path)
+    yield from _pdf_pages(path, only)
 
 
 def _is_pdf(path: Path) -> bool:
@@ -115,7 +118,7 @@ def _is_pdf(path: Path) -> bool:
         return False
 
 
-def _pdf_pages(path: Path) -> Iterator[tuple[int | None, Loader]]:
+def _pdf_pages(path: Path, only: int | None) -> Iterator[tuple[int | None, Loader]]:
     try:
         import pypdfium2 as pdfium
     except ImportError:
@@ -133,12 +136,12 @@ def _pdf_pages(path: Path) -> Iterator[tuple[int | None, Loader]]:
             yield None, _failing(InputError(f"cannot read PDF {name}: {e}"))
             return
         try:
-            yield from _pages(pdf, name)
+            yield from _pages(pdf, name, only)
         finally:
             pdf.close()
 
 
-def _pages(pdf, name: str) -> Iterator[tuple[int | None, Loader]]:
+def _pages(pdf, name: str, only: int | None) -> Iterator[tuple[int | None, Loader]]:
     try:
         n = len(pdf)
     except Exception as e:
@@ -147,6 +150,8 @@ def _pages(pdf, name: str) -> Iterator[tuple[int | None, Loader]]:
     if n <= 0:
         yield None, _failing(InputError(f"PDF {name} has no pages"))
     for i in range(min(n, MAX_PDF_PAGES)):
+        if only is not None and i + 1 != only:
+            continue
         try:
             page = pdf[i]
         except Exception as e:  # e.g. a page tree whose /Count lies: stop, one line for the rest
@@ -158,7 +163,7 @@ def _pages(pdf, name: str) -> Iterator[tuple[int | None, Loader]]:
             yield i + 1, functools.partial(_render, page, f"page {i + 1} of {name}")
         finally:
             page.close()
-    if n > MAX_PDF_PAGES:
+    if n > MAX_PDF_PAGES and only in (None, MAX_PDF_PAGES + 1):
         yield MAX_PDF_PAGES + 1, _failing(InputError(
             f"{name} has {n:,} pages; vl2edge reads at most {MAX_PDF_PAGES:,} pages of a PDF, so pages "
             f"{MAX_PDF_PAGES + 1:,}-{n:,} are skipped"))
@@ -317,7 +322,9 @@ def parsed_json(text: str):
 
 def run_batch(pipe, inputs: list[str], prompt: str, out, resume: bool = False, progress: bool = True,
               **gen_kw) -> dict:
-    """Answer `prompt` about every image/page; returns counts {"done", "skipped", "failed"}."""
+    """Answer `prompt` about every image/page; returns counts {"done", "skipped", "failed"}. With the pipeline's
+    batching engine on (`Pipeline.start_batching`), up to its `max_batch` pages are answered together; the
+    results are still written in input order, each whole before the next."""
     check_text(prompt, "the prompt", InputError)
     files = expand(inputs)
     out = Path(out)
@@ -337,29 +344,73 @@ def run_batch(pipe, inputs: list[str], prompt: str, out, resume: bool = False, p
         from tqdm import tqdm
 
         bar = tqdm(total=len(files), unit="file", desc="batch")
-    content = prompt if "<image>" in prompt else "<image>\n" + prompt
-    with ResultWriter(out) as writer:
+
+    def todo() -> Iterator[tuple[dict, Loader] | None]:
+        """(record so far, its image loader) of each item not done yet; None where a file ends (the bar)."""
         for path in files:
             source_path = canonical(path)
             for page, load in items(path):
                 if (source_path, page) in seen:
                     counts["skipped"] += 1
                     continue
-                record: dict[str, object] = {"source": str(path), "source_path": source_path, "page": page}
-                try:
-                    res = pipe.chat([{"role": "user", "content": content}], [load()], **gen_kw)
-                    record |= {"answer": res.text, "boxes": [b.as_dict() for b in res.boxes],
-                               "finish_reason": res.finish_reason, "timings": res.timings}
-                    if gen_kw.get("response_format") is not None:  # structured: the answer parsed, or null
-                        record["json"] = parsed_json(res.text)
-                    counts["done"] += 1
-                except VL2Error as e:
-                    record["error"] = str(e)
-                    counts["failed"] += 1
-                writer.write(record)
-                seen.add((source_path, page))
-            if bar:
-                bar.update(1)
+                yield {"source": str(path), "source_path": source_path, "page": page}, load
+            yield None
+
+    with ResultWriter(out) as writer:
+        for record in answer_items(pipe, prompt, todo(), gen_kw):
+            if record is None:
+                if bar:
+                    bar.update(1)
+                continue
+            writer.write(record)
+            counts["failed" if "error" in record else "done"] += 1
+            seen.add((record["source_path"], record["page"]))
     if bar:
         bar.close()
     return counts
+
+
+def answer_items(pipe, prompt: str, work: Iterator[tuple[dict, Loader] | None], gen_kw: dict) -> Iterator[dict | None]:
+    """Each item's record completed with its answer (or its error), in the order of `work`; a None in `work`
+    passes through. Up to the pipeline's batch (`Pipeline.start_batching`) answers run at once, from worker
+    threads, sharing the engine's decode steps; images are loaded here, in order (PDF rendering is not
+    thread-safe)."""
+    content = prompt if "<image>" in prompt else "<image>\n" + prompt
+
+    def answer(record: dict, image) -> dict:
+        try:
+            if isinstance(image, VL2Error):
+                raise image
+            res = pipe.chat([{"role": "user", "content": content}], [image], **gen_kw)
+            record |= {"answer": res.text, "boxes": [b.as_dict() for b in res.boxes],
+                       "finish_reason": res.finish_reason, "timings": res.timings}
+            if gen_kw.get("response_format") is not None:  # structured: the answer parsed, or null
+                record["json"] = parsed_json(res.text)
+        except VL2Error as e:
+            record["error"] = str(e)
+        return record
+
+    window = pipe.engine.max_batch if pipe.engine is not None else 1
+    in_flight: collections.deque[Future | None] = collections.deque()
+    with ThreadPoolExecutor(window, thread_name_prefix="vl2edge-batch") as pool:
+        try:
+            for item in work:
+                if item is not None:
+                    record, load = item
+                    try:
+                        image = load()
+                    except VL2Error as e:
+                        image = e
+                    in_flight.append(pool.submit(answer, record, image))
+                else:
+                    in_flight.append(None)
+                while sum(f is not None for f in in_flight) >= window or (in_flight and in_flight[0] is None):
+                    future = in_flight.popleft()
+                    yield None if future is None else future.result()
+            while in_flight:
+                future = in_flight.popleft()
+                yield None if future is None else future.result()
+        finally:  # the consumer stopped (a failed write, Ctrl-C): what has not started is not started
+            for future in in_flight:
+                if future is not None:
+                    future.cancel()

@@ -22,6 +22,8 @@ import sys
 
 from .errors import InputError, VL2Error
 
+DEFAULT_MAX_BATCH = 8  # serve and batch: answers decoded together (bench/serve_load.py, bench/RESULTS.md)
+
 
 def peak_memory() -> dict:
     """Peak resident memory of this process and, when CUDA was used, peak GPU memory (bytes)."""
@@ -204,6 +206,7 @@ def batch(a) -> None:
         raise InputError("give exactly one of --prompt and --prompt-file")
     prompt = a.prompt if a.prompt_file is None else read_prompt_file(a.prompt_file)
     pipe = _load(a)
+    pipe.start_batching(a.max_batch)
     counts = run_batch(pipe, a.inputs, prompt, a.out, resume=a.resume, **_gen(a))
     print(f"[vl2edge] batch: {counts['done']} answered, {counts['failed']} failed, {counts['skipped']} already "
           f"done -> {a.out}", file=sys.stderr)
@@ -220,6 +223,7 @@ def serve(a) -> None:
         raise InputError("the API key is empty (--api-key \"\" or an empty VL2EDGE_API_KEY, an unset variable?); "
                          "give a key, or leave both out to serve without one")
     pipe = _load(a)
+    pipe.start_batching(a.max_batch)
     name = a.served_name or os.path.basename(str(a.model).rstrip("/"))
     aliases = tuple(n for n in dict.fromkeys((str(a.model), str(a.model).rstrip("/"))) if n != name)
     print(f"[vl2edge] serving {a.model} on http://{a.host}:{a.port}/v1 "
@@ -377,6 +381,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-file")
     b.add_argument("--out", required=True, help="results file (JSON lines)")
     b.add_argument("--resume", action="store_true", help="skip what --out already holds")
+    b.add_argument("--max-batch", type=int_in(1, 256), default=DEFAULT_MAX_BATCH,
+                   help=f"pages answered together (continuous batching; default {DEFAULT_MAX_BATCH}); results are "
+                        "written in input order either way")
     gen_args(b)
     b.set_defaults(func=batch)
 
@@ -389,6 +396,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
     s.add_argument("--max-queue", type=int_in(0, 1 << 16), default=16, help="requests that may wait; more get 429")
     s.add_argument("--max-tokens", type=int_in(1, 1 << 20), default=2048, help="cap on a request's max_tokens")
+    s.add_argument("--max-batch", type=int_in(1, 256), default=DEFAULT_MAX_BATCH,
+                   help=f"answers decoded together (continuous batching; default {DEFAULT_MAX_BATCH}, "
+                        "bench/serve_load.py); 1: one at a time. Each slot holds a context of KV cache")
     s.add_argument("--served-name", help="model id reported by /v1/models (default: the directory name)")
     s.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
     s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -19,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from .config import VL2Config
+from .engine import Engine
 from .errors import InputError
-from .generate import DEFAULT_CHUNK, Backend, generate
+from .generate import DEFAULT_CHUNK, Backend, Sequence, generate
 from .grounding import parse as parse_grounding
 from .placement import Plan
 from .processor import Processor, check_compatible
@@ -111,19 +113,37 @@ class Generation:
             constraint = o.response_format.constraint(vocab, max_new)
         logprobs = self._logprobs
         observe = None if o.logprobs is None else (lambda x, tok: logprobs.append(self._logprob(x[0], int(tok[0]))))
-        embeds = pipe.backend.embed(inputs.input_ids, inputs.images, inputs.images_seq_mask,
-                                    inputs.images_spatial_crop)
+        engine = pipe.engine
+        with engine.compute if engine is not None else contextlib.nullcontext():  # the cores are the engine's
+            embeds = pipe.backend.embed(inputs.input_ids, inputs.images, inputs.images_seq_mask,
+                                        inputs.images_spatial_crop)
         t_embed = time.perf_counter()
-        stream, ids, first = TextStream(pipe.processor.decode), [], None
-        eos = pipe.processor.eos_id
+        eos, rng = pipe.processor.eos_id, np.random.default_rng(o.seed)
+        if engine is not None:
+            ticket = engine.submit(embeds, Sequence(max_new_tokens=max_new, eos_id=eos, params=o.sampling, rng=rng,
+                                                    prompt_ids=inputs.input_ids[0], constraint=constraint,
+                                                    observe=observe),
+                                   chunk_size=o.chunk_size, cancelled=self._cancel.is_set)
+            tokens: Iterator[int] = iter(ticket)
+        else:
+            tokens = (int(tok[0]) for tok in generate(
+                pipe.backend, embeds, inputs.attention_mask, max_new_tokens=max_new, eos_id=eos, params=o.sampling,
+                rng=rng, prompt_ids=inputs.input_ids, chunk_size=o.chunk_size, constraint=constraint,
+                observe=observe, cancelled=self._cancel.is_set))
+        try:
+            yield from self._text(tokens, eos, t0, t_embed, inputs)
+        finally:
+            if engine is not None:
+                ticket.cancel()  # a reader that stopped (a stop string, a closed stream) frees its row
+
+    def _text(self, tokens: Iterator[int], eos: int | None, t0: float, t_embed: float, inputs) -> Iterator[str]:
+        """Token ids -> text pieces, held back while a stop string may be forming; sets `result` at the end."""
+        o, T = self.options, inputs.input_ids.shape[1]
+        stream, ids, first = TextStream(self.pipe.processor.decode), [], None
         text, sent, stopped = "", 0, False
         hold = max((len(s) for s in o.stop), default=1) - 1  # a stop string may still be forming
-        for tok in generate(pipe.backend, embeds, inputs.attention_mask, max_new_tokens=max_new, eos_id=eos,
-                            params=o.sampling, rng=np.random.default_rng(o.seed), prompt_ids=inputs.input_ids,
-                            chunk_size=o.chunk_size, constraint=constraint, observe=observe,
-                            cancelled=self._cancel.is_set):
+        for t in tokens:
             first = first or time.perf_counter()
-            t = int(tok[0])
             ids.append(t)
             if t == eos:
                 stopped = True
@@ -147,7 +167,7 @@ class Generation:
         self.result = Result(
             text=text, token_ids=ids, finish_reason=reason, prompt_tokens=T,
             image_sizes=inputs.image_sizes[0], boxes=g.boxes, grounding_problems=g.problems,
-            logprobs=None if o.logprobs is None else logprobs[:len(ids)],
+            logprobs=None if o.logprobs is None else self._logprobs[:len(ids)],
             timings={"embed_s": t_embed - t0, "ttft_s": (first or end) - t0, "total_s": end - t0,
                      "new_tokens": n, "decode_tok_s": (n - 1) / (end - first) if first and n > 1 else None})
 
@@ -178,6 +198,19 @@ class Pipeline:
 
     def __init__(self, processor: Processor, backend: Backend, context_length: int, plan: Plan | None = None):
         self.processor, self.backend, self.context_length, self.plan = processor, backend, context_length, plan
+        self.engine: Engine | None = None
+
+    def start_batching(self, max_batch: int, max_len: int | None = None) -> None:
+        """Answer through the continuous-batching engine (vl2edge/engine.py): up to `max_batch` answers share
+        each decode step, from threads that each run a `Generation`. Its slots hold `max_len` positions (the
+        model's context by default) and are allocated now. `max_batch` 1 keeps the single-answer loop."""
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+            raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if max_batch > 1:
+            self.engine = Engine(self.backend, max_batch, max_len or self.context_length)
 
     @property
     def vocab_size(self) -> int:

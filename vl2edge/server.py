@@ -5,8 +5,9 @@ off). FastAPI + uvicorn.
 Messages take OpenAI's shape: `content` is a string or a list of `{"type": "text", "text": ...}` and
 `{"type": "image_url", "image_url": {"url": ...}}` parts; every image becomes an `<image>` placeholder
 where it stands (`developer` messages count as `system`). Images come from `data:` URLs, from files under
-`--allowed-root` only, and from http(s) only with `--allow-remote-images`. One request runs on the model at
-a time; up to `max_queue` wait (counted from the moment a request is admitted, before its body is read),
+`--allowed-root` only, and from http(s) only with `--allow-remote-images`. As many requests run on the model
+at once as the pipeline's continuous-batching engine has slots (`--max-batch`; one without it); up to
+`max_queue` wait (counted from the moment a request is admitted, before its body is read),
 more get 429 with `Retry-After`. A client that disconnects cancels its request: a running generation stops
 before its next decode step, a waiting one never starts. Grounding boxes ride along in an extra `vl2edge`
 field. Every response carries `x-request-id` (the client's, when it sent a sane one); `cors_origins` turns
@@ -192,7 +193,8 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
                            expose_headers=["x-request-id"], max_age=600)
     app.add_middleware(RequestIds)
     state = {"waiting": 0, "served": 0, "failed": 0, "cancelled": 0, "mean_s": 1.0}
-    model_lock = threading.Lock()
+    # answers running at once: one per batch slot of the engine (Pipeline.start_batching), else one
+    model_slots = threading.BoundedSemaphore(pipe.engine.max_batch if pipe.engine is not None else 1)
     queue_lock = threading.Lock()
 
     @app.exception_handler(StarletteHTTPException)
@@ -305,9 +307,10 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
                 "total_tokens": res.prompt_tokens + len(res.token_ids)}
 
     def run_locked(gen, ticket: _Ticket, each=None):
-        """Wait for the model (dropping out if the client has gone), then run `gen`; False when cancelled first."""
+        """Wait for a place on the model (dropping out if the client has gone), then run `gen`; False when
+        cancelled first."""
         try:
-            while not model_lock.acquire(timeout=CANCEL_POLL_S):
+            while not model_slots.acquire(timeout=CANCEL_POLL_S):
                 if gen.cancelled:
                     return False
         finally:
@@ -322,7 +325,7 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
             state["mean_s"] = 0.8 * state["mean_s"] + 0.2 * (time.perf_counter() - t0)
             return True
         finally:
-            model_lock.release()
+            model_slots.release()
 
     async def answer(request: Request, gen, ticket: _Ticket):
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
