@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" "$(PILLOW)"
-	$(PY) -m pip install -q -e ".[torch,export,serve,pdf,dev]"
+	$(PY) -m pip install -q -e ".[torch,export,serve,pdf,ray,dev]"
 	touch $@
 
 test: install

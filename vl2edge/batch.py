@@ -106,6 +106,14 @@ def items(path: Path, only: int | None = None) -> Iterator[tuple[int | None, Loa
     yield from _pdf_pages(path, only)
 
 
+def load_item(path: Path, page: int | None):
+    """What the loader `items(path)` gives for `page` returns (or raises): an item found again by its page."""
+    for p, load in items(path, only=page):
+        if p == page:
+            return load()
+    raise InputError(f"{display_name(path)} has no page {page}")
+
+
 def _is_pdf(path: Path) -> bool:
     """Named .pdf or starting like a PDF, whatever the name says; an unreadable file goes the image way,
     which reports why it cannot be opened."""
@@ -321,10 +329,11 @@ def parsed_json(text: str):
 
 
 def run_batch(pipe, inputs: list[str], prompt: str, out, resume: bool = False, progress: bool = True,
-              **gen_kw) -> dict:
+              answer: Callable[[Iterator], Iterator[dict | None]] | None = None, **gen_kw) -> dict:
     """Answer `prompt` about every image/page; returns counts {"done", "skipped", "failed"}. With the pipeline's
     batching engine on (`Pipeline.start_batching`), up to its `max_batch` pages are answered together; the
-    results are still written in input order, each whole before the next."""
+    results are still written in input order, each whole before the next. `answer`: what turns the items to
+    do into records instead of `answer_items` over `pipe` (`vl2edge.ray_batch.RayJob`; `pipe` is then None)."""
     check_text(prompt, "the prompt", InputError)
     files = expand(inputs)
     out = Path(out)
@@ -357,7 +366,8 @@ def run_batch(pipe, inputs: list[str], prompt: str, out, resume: bool = False, p
             yield None
 
     with ResultWriter(out) as writer:
-        for record in answer_items(pipe, prompt, todo(), gen_kw):
+        records = answer(todo()) if answer is not None else answer_items(pipe, prompt, todo(), gen_kw)
+        for record in records:
             if record is None:
                 if bar:
                     bar.update(1)

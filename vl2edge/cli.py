@@ -39,11 +39,16 @@ def build_prompt(prompt: str, n_images: int) -> str:
     return prompt if "<image>" in prompt or n_images == 0 else "<image>\n" * n_images + prompt
 
 
+def _load_kw(a) -> dict:
+    """`pipeline.load`'s keywords from the model options."""
+    return {"device": a.device, "dtype": a.dtype, "gpu_memory": a.gpu_memory, "quant": a.quant, "backend": a.backend,
+            "vision": a.vision_graph, "graph": not a.no_graph}
+
+
 def _load(a):
     from .pipeline import load
 
-    pipe = load(a.model, device=a.device, dtype=a.dtype, gpu_memory=a.gpu_memory, quant=a.quant, backend=a.backend,
-                vision=a.vision_graph, graph=not a.no_graph)
+    pipe = load(a.model, **_load_kw(a))
     if pipe.plan is not None and not getattr(a, "json", False):
         print(pipe.plan, file=sys.stderr)
     return pipe
@@ -205,9 +210,23 @@ def batch(a) -> None:
     if (a.prompt is None) == (a.prompt_file is None):
         raise InputError("give exactly one of --prompt and --prompt-file")
     prompt = a.prompt if a.prompt_file is None else read_prompt_file(a.prompt_file)
-    pipe = _load(a)
-    pipe.start_batching(a.max_batch)
-    counts = run_batch(pipe, a.inputs, prompt, a.out, resume=a.resume, **_gen(a))
+    if a.ray is not None:
+        from pathlib import Path
+
+        from .config import VL2Config
+        from .ray_batch import RayJob
+
+        model = os.path.abspath(a.model) if Path(a.model).is_dir() else a.model  # the actors' cwd is not ours
+        if Path(a.model).is_dir():
+            VL2Config.from_pretrained(model)  # a wrong model fails here, in one line, not in every actor
+        gen = _gen(a)
+        job = RayJob(model, _load_kw(a), prompt, gen, address=None if a.ray == "local" else a.ray, actors=a.actors,
+                     cpus=a.cpus_per_actor, gpus=a.gpus_per_actor, max_batch=a.max_batch)
+        counts = run_batch(None, a.inputs, prompt, a.out, resume=a.resume, answer=job, **gen)
+    else:
+        pipe = _load(a)
+        pipe.start_batching(a.max_batch)
+        counts = run_batch(pipe, a.inputs, prompt, a.out, resume=a.resume, **_gen(a))
     print(f"[vl2edge] batch: {counts['done']} answered, {counts['failed']} failed, {counts['skipped']} already "
           f"done -> {a.out}", file=sys.stderr)
 
@@ -384,6 +403,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch", type=int_in(1, 256), default=DEFAULT_MAX_BATCH,
                    help=f"pages answered together (continuous batching; default {DEFAULT_MAX_BATCH}); results are "
                         "written in input order either way")
+    b.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the job on Ray Data (the [ray] extra): on a Ray instance started here, or on the "
+                        "cluster at ADDRESS (auto, ray://HOST:10001); one pipeline per actor")
+    b.add_argument("--actors", type=int_in(1, 4096), default=2, help="--ray: pipelines (actors) at once (default 2)")
+    b.add_argument("--cpus-per-actor", type=float, default=1.0, help="--ray: CPUs (and threads) of each actor")
+    b.add_argument("--gpus-per-actor", type=float, default=0.0, help="--ray: GPUs of each actor (e.g. 1 or 0.5)")
     gen_args(b)
     b.set_defaults(func=batch)
 

@@ -1,0 +1,127 @@
+"""`vl2edge batch --ray` (vl2edge/ray_batch.py) on a local Ray instance: the same records as the local job,
+in the same order, through a killed actor, and with the same resume semantics."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from tests import golden
+from vl2edge.batch import run_batch
+
+MODEL = golden.model_dir("tiny")
+LOAD = {"device": "cpu", "dtype": "float32", "backend": "torch"}
+GEN = {"max_new_tokens": 10}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Pictures, a three-page PDF and a file that is not a picture."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("ray-inputs")
+    for name in ("square_384.png", "multi_a_300x500.png", "multi_c_256x256.png"):
+        (d / name).write_bytes((golden.REF / "images" / name).read_bytes())
+    pages = [Image.open(golden.REF / "images" / n).convert("RGB") for n in ("square_384.png", "multi_b_640x480.png",
+                                                                         "multi_a_300x500.png")]
+    pages[0].save(d / "doc.pdf", save_all=True, append_images=pages[1:])
+    (d / "broken.png").write_bytes(b"\x89PNG not really")
+    return [str(d)]
+
+
+@pytest.fixture(scope="module")
+def local_records(inputs, tmp_path_factory):
+    import vl2edge
+
+    pipe = vl2edge.load(MODEL, **LOAD)
+    pipe.start_batching(2)
+    out = tmp_path_factory.mktemp("local") / "local.jsonl"
+    run_batch(pipe, inputs, "Describe.", out, progress=False, **GEN)
+    pipe.start_batching(1)
+    return _records(out)
+
+
+def _records(path: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "timings"} for line in path.read_text().splitlines()]
+
+
+def _job(**kw):
+    from vl2edge.ray_batch import RayJob
+
+    return RayJob(str(MODEL), LOAD, "Describe.", GEN, actors=2, cpus=1, max_batch=2, **kw)
+
+
+def test_ray_job_equals_the_local_job(local_ray, inputs, local_records, tmp_path):
+    out = tmp_path / "ray.jsonl"
+    counts = run_batch(None, inputs, "Describe.", out, progress=False, answer=_job(), **GEN)
+    assert _records(out) == local_records
+    assert counts == {"done": 6, "failed": 1, "skipped": 0}  # 3 pictures, 3 pages; a broken file
+    assert any(r["page"] == 3 for r in local_records) and any("error" in r for r in local_records)
+
+
+def test_ray_job_resumes_where_it_stopped(local_ray, inputs, local_records, tmp_path):
+    out = tmp_path / "ray.jsonl"
+    lines = [json.dumps(r) for r in local_records[:3]]
+    out.write_text("\n".join(lines) + "\n" + lines[2][:20])  # three done, then a torn line
+    counts = run_batch(None, inputs, "Describe.", out, resume=True, progress=False, answer=_job(), **GEN)
+    assert counts["skipped"] == 3 and counts["done"] + counts["failed"] == len(local_records) - 3
+    assert _records(out) == local_records
+
+
+def _actor_pids() -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if b"MapBatches(Answerer)" in (p / "cmdline").read_bytes():
+                    pids.append(int(p.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_ray_job_survives_a_killed_actor(local_ray, inputs, local_records, tmp_path):
+    """SIGKILL one actor while the job runs: Ray restarts it and reruns its rows; every record once, as local."""
+    killed: list[int] = []
+
+    def kill_one():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            pids = _actor_pids()
+            if len(pids) >= 2:
+                time.sleep(1.5)  # models loaded, rows in flight
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
+    out = tmp_path / "ray.jsonl"
+    run_batch(None, inputs, "Describe.", out, progress=False, answer=_job(), **GEN)
+    killer.join()
+    assert killed, "no actor was found to kill"
+    assert _records(out) == local_records
+
+
+def test_cli_ray_refuses_an_unreachable_cluster(tmp_path):
+    img = golden.REF / "images" / "square_384.png"
+    r = subprocess.run([sys.executable, "-m", "vl2edge", "batch", "--model", str(MODEL), str(img), "--prompt", "Hi",
+                        "--out", str(tmp_path / "o.jsonl"), "--ray", "127.0.0.1:1"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "cannot reach the Ray cluster" in r.stderr
+    assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""
