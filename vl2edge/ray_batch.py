@@ -93,7 +93,7 @@ class RayJob:
 def _ray():
     try:
         import ray
-        import ray.data  # noqa: F401  (the Data library, part of the extra)
+        import ray.data  # the Data library, part of the extra
     except ImportError:
         raise InputError("--ray needs Ray Data: pip install 'vl2edge[ray]'") from None
     return ray
