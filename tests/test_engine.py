@@ -51,7 +51,8 @@ def _single(decoder, embeds, new: int, **kw) -> list[int]:
 def _batched(decoder, prompts, news, max_batch=3, chunk=16, max_len=128, **kw) -> list[list[int]]:
     engine = Engine(decoder, max_batch=max_batch, max_len=max_len, chunk_size=chunk)
     try:
-        tickets = [engine.submit(e, Sequence(max_new_tokens=n, eos_id=None, **kw)) for e, n in zip(prompts, news)]
+        tickets = [engine.submit(lambda e=e: e, e.shape[1], Sequence(max_new_tokens=n, eos_id=None, **kw))
+                   for e, n in zip(prompts, news)]
         answers = [list(t) for t in tickets]
     finally:
         engine.close()
@@ -123,7 +124,7 @@ def test_each_row_keeps_its_own_sampling(decoder):
                              prompt_ids=ids[:n]))
     engine = Engine(decoder, max_batch=3, max_len=96)
     try:
-        assert [list(engine.submit(e, s)) for e, s in zip(prompts, seqs)] == single
+        assert [list(engine.submit(lambda e=e: e, e.shape[1], s)) for e, s in zip(prompts, seqs)] == single
     finally:
         engine.close()
 
@@ -135,7 +136,7 @@ def test_cancelling_one_row_leaves_the_others_intact(torch_models):
     engine = Engine(model, max_batch=3, max_len=96)
     stop = threading.Event()
     try:
-        tickets = [engine.submit(e, Sequence(max_new_tokens=20, eos_id=None),
+        tickets = [engine.submit(lambda e=e: e, e.shape[1], Sequence(max_new_tokens=20, eos_id=None),
                                  cancelled=stop.is_set if i == 1 else None) for i, e in enumerate(prompts)]
         cut = []
         for tok in tickets[1]:
@@ -155,10 +156,37 @@ def test_eos_ends_a_row_at_once(torch_models):
     eos = alone[4]
     engine = Engine(model, max_batch=2, max_len=96)
     try:
-        got = list(engine.submit(e, Sequence(max_new_tokens=10, eos_id=eos)))
+        got = list(engine.submit(lambda: e, e.shape[1], Sequence(max_new_tokens=10, eos_id=eos)))
     finally:
         engine.close()
     assert got == alone[:alone.index(eos) + 1]
+
+
+def test_a_failing_prompt_or_step_fails_its_answers_only(torch_models):
+    """A prompt whose embedding fails (a bad image) ends its own answer with the error; a step that fails ends
+    the answers in it, and the engine serves the next ones."""
+    model = torch_models["tiny"]
+    prompts = _prompts(model)[:2]
+    alone = _single(model, prompts[1], 6)
+
+    def bad_image():
+        raise InputError("cannot read image x.png")
+
+    engine = Engine(model, max_batch=2, max_len=96)
+    try:
+        bad = engine.submit(bad_image, 30, Sequence(max_new_tokens=6, eos_id=None))
+        good = engine.submit(lambda: prompts[1], prompts[1].shape[1], Sequence(max_new_tokens=6, eos_id=None))
+        with pytest.raises(InputError, match="x.png"):
+            list(bad)
+        assert list(good) == alone
+        T = prompts[0].shape[1]
+        broken = engine.submit(lambda: prompts[0][:, :, :8], T, Sequence(max_new_tokens=6, eos_id=None))
+        with pytest.raises(RuntimeError):  # a wrong-width embedding breaks the step
+            list(broken)
+        again = engine.submit(lambda: prompts[1], prompts[1].shape[1], Sequence(max_new_tokens=6, eos_id=None))
+        assert list(again) == alone
+    finally:
+        engine.close()
 
 
 def test_a_prompt_longer_than_a_slot_is_refused(torch_models):
@@ -166,7 +194,7 @@ def test_a_prompt_longer_than_a_slot_is_refused(torch_models):
     engine = Engine(model, max_batch=1, max_len=32)
     try:
         with pytest.raises(InputError, match="a batch slot holds 32"):
-            engine.submit(_prompts(model)[2], Sequence(max_new_tokens=4, eos_id=None))
+            engine.submit(lambda: None, 40, Sequence(max_new_tokens=4, eos_id=None))
     finally:
         engine.close()
 

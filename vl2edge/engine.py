@@ -13,8 +13,8 @@ iterating it yields the answer's token ids as they are chosen. Each turn of the 
 
 A row leaves the moment its answer ends, and the last row moves into its place: rows stay dense, so a step
 runs over rows 0..R-1 and nothing else. Memory is the slots' (`max_batch` x `max_len` positions), allocated
-once. `compute` is held for each turn; whoever else runs the backend (embedding a prompt's images) takes it too,
-so the vision tower and the decode steps do not fight over the cores.
+once. A prompt is embedded (its images through the vision tower) by the engine's thread when its turn to join
+comes, so the vision tower and the decode steps take turns on the cores instead of fighting over them.
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ _END = object()
 
 
 class Ticket:
-    """One answer in the engine: iterate for its token ids (a failure of its step is raised here)."""
+    """One answer in the engine: iterate for its token ids (a failure of its embedding or of its step is raised
+    here)."""
 
-    def __init__(self, embeds, sequence: Sequence, chunk_size: int, cancelled: Callable[[], bool] | None):
-        self.embeds, self.sequence, self.chunk_size = embeds, sequence, chunk_size
-        self.length = int(embeds.shape[1])
+    def __init__(self, embed: Callable[[], Any], length: int, sequence: Sequence, chunk_size: int,
+                 cancelled: Callable[[], bool] | None):
+        self.embed, self.sequence, self.chunk_size, self.length = embed, sequence, chunk_size, length
+        self.embeds: Any = None
         self.prefilled = 0              # prompt positions in the cache so far
         self.last: int | None = None    # the token chosen last (fed at the next step)
         self._cancel, self._asked = threading.Event(), cancelled
@@ -89,14 +91,14 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def submit(self, embeds, sequence: Sequence, chunk_size: int | None = None,
+    def submit(self, embed: Callable[[], Any], length: int, sequence: Sequence, chunk_size: int | None = None,
                cancelled: Callable[[], bool] | None = None) -> Ticket:
-        """Queue an answer: `embeds` [1, T, D] (the backend's type), `sequence` its sampling state."""
-        T = int(embeds.shape[1])
-        if T + sequence.max_new_tokens > self.max_len:
-            raise InputError(f"the prompt ({T} tokens) and max_new_tokens ({sequence.max_new_tokens}) need "
-                             f"{T + sequence.max_new_tokens} positions; a batch slot holds {self.max_len}")
-        ticket = Ticket(embeds, sequence, chunk_size or self.chunk_size, cancelled)
+        """Queue an answer: `embed()` gives its prompt's embeddings [1, length, D] (the backend's type; called by
+        the engine when the answer joins), `sequence` its sampling state."""
+        if length + sequence.max_new_tokens > self.max_len:
+            raise InputError(f"the prompt ({length} tokens) and max_new_tokens ({sequence.max_new_tokens}) need "
+                             f"{length + sequence.max_new_tokens} positions; a batch slot holds {self.max_len}")
+        ticket = Ticket(embed, length, sequence, chunk_size or self.chunk_size, cancelled)
         with self._wake:
             if self._closed:
                 raise InputError("the engine is closed")
@@ -156,6 +158,15 @@ class Engine:
             self.decoder.clear_row(self.cache, row)
             t._end()
             return
+        if t.embeds is None:
+            try:
+                t.embeds = t.embed()
+            except Exception as e:  # a bad image: this answer fails, the others go on
+                self.joining = None
+                t._end(e)
+                return
+            if int(t.embeds.shape[1]) != t.length:
+                raise ValueError(f"embed() gave {t.embeds.shape[1]} positions, {t.length} were announced")
         end = min(t.prefilled + t.chunk_size, t.length)
         logits = self.decoder.prefill_row(t.embeds[:, t.prefilled:end], self.cache, row)
         t.prefilled = end

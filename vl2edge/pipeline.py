@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import threading
@@ -113,30 +112,34 @@ class Generation:
             constraint = o.response_format.constraint(vocab, max_new)
         logprobs = self._logprobs
         observe = None if o.logprobs is None else (lambda x, tok: logprobs.append(self._logprob(x[0], int(tok[0]))))
-        engine = pipe.engine
-        with engine.compute if engine is not None else contextlib.nullcontext():  # the cores are the engine's
+        eos, rng, engine = pipe.processor.eos_id, np.random.default_rng(o.seed), pipe.engine
+
+        times = {"embedded": t0}
+
+        def embed():  # here, or in the engine's thread when the answer joins the batch
             embeds = pipe.backend.embed(inputs.input_ids, inputs.images, inputs.images_seq_mask,
                                         inputs.images_spatial_crop)
-        t_embed = time.perf_counter()
-        eos, rng = pipe.processor.eos_id, np.random.default_rng(o.seed)
+            times["embedded"] = time.perf_counter()
+            return embeds
+
         if engine is not None:
-            ticket = engine.submit(embeds, Sequence(max_new_tokens=max_new, eos_id=eos, params=o.sampling, rng=rng,
-                                                    prompt_ids=inputs.input_ids[0], constraint=constraint,
-                                                    observe=observe),
+            ticket = engine.submit(embed, T, Sequence(max_new_tokens=max_new, eos_id=eos, params=o.sampling, rng=rng,
+                                                      prompt_ids=inputs.input_ids[0], constraint=constraint,
+                                                      observe=observe),
                                    chunk_size=o.chunk_size, cancelled=self._cancel.is_set)
             tokens: Iterator[int] = iter(ticket)
         else:
             tokens = (int(tok[0]) for tok in generate(
-                pipe.backend, embeds, inputs.attention_mask, max_new_tokens=max_new, eos_id=eos, params=o.sampling,
+                pipe.backend, embed(), inputs.attention_mask, max_new_tokens=max_new, eos_id=eos, params=o.sampling,
                 rng=rng, prompt_ids=inputs.input_ids, chunk_size=o.chunk_size, constraint=constraint,
                 observe=observe, cancelled=self._cancel.is_set))
         try:
-            yield from self._text(tokens, eos, t0, t_embed, inputs)
+            yield from self._text(tokens, eos, t0, times, inputs)
         finally:
             if engine is not None:
                 ticket.cancel()  # a reader that stopped (a stop string, a closed stream) frees its row
 
-    def _text(self, tokens: Iterator[int], eos: int | None, t0: float, t_embed: float, inputs) -> Iterator[str]:
+    def _text(self, tokens: Iterator[int], eos: int | None, t0: float, times: dict, inputs) -> Iterator[str]:
         """Token ids -> text pieces, held back while a stop string may be forming; sets `result` at the end."""
         o, T = self.options, inputs.input_ids.shape[1]
         stream, ids, first = TextStream(self.pipe.processor.decode), [], None
@@ -168,7 +171,7 @@ class Generation:
             text=text, token_ids=ids, finish_reason=reason, prompt_tokens=T,
             image_sizes=inputs.image_sizes[0], boxes=g.boxes, grounding_problems=g.problems,
             logprobs=None if o.logprobs is None else self._logprobs[:len(ids)],
-            timings={"embed_s": t_embed - t0, "ttft_s": (first or end) - t0, "total_s": end - t0,
+            timings={"embed_s": times["embedded"] - t0, "ttft_s": (first or end) - t0, "total_s": end - t0,
                      "new_tokens": n, "decode_tok_s": (n - 1) / (end - first) if first and n > 1 else None})
 
     def new_logprobs(self) -> list[dict]:
