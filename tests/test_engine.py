@@ -295,3 +295,32 @@ def test_batch_command_batched_writes_the_same_lines_in_order(batching_pipe, tmp
     strip = [[{k: v for k, v in r.items() if k != "timings"} for r in rows] for rows in lines.values()]
     assert strip[0] == strip[1]
     assert [r["source"] for r in lines[3]] == inputs and "error" in lines[3][1]
+
+
+def test_server_gives_places_on_the_model_in_arrival_order():
+    """Waiters get the model in the order they came, and one that gives up leaves the line."""
+    from vl2edge.server import FifoSlots
+
+    slots = FifoSlots(1)
+    assert slots.acquire(lambda: False)
+    order, started, gone = [], [], threading.Event()
+
+    def wait(i):
+        started.append(i)
+        if slots.acquire(gone.is_set if i == 2 else (lambda: False)):
+            order.append(i)
+            slots.release()
+
+    threads = []
+    for i in range(6):
+        threads.append(threading.Thread(target=wait, args=(i,)))
+        threads[-1].start()
+        while len(started) <= i or len(slots.line) <= i:  # each is in line before the next comes
+            threading.Event().wait(0.005)
+    gone.set()  # number 2 gives up while waiting
+    while len(slots.line) > 5:
+        threading.Event().wait(0.005)
+    slots.release()
+    for t in threads:
+        t.join()
+    assert order == [0, 1, 3, 4, 5]

@@ -46,6 +46,7 @@ or null) with a 4xx status, never a 500 or a traceback, and the server keeps ser
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import logging
@@ -54,6 +55,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -158,6 +160,35 @@ async def read_body(request: Request, cap: int) -> bytes:
     return buffer.bytes()
 
 
+class FifoSlots:
+    """`n` places on the model, given in arrival order (a semaphore wakes its waiters in any order, which let
+    one request wait 40 s while later ones went first)."""
+
+    def __init__(self, n: int):
+        self.free, self.line, self.cond = n, collections.deque(), threading.Condition()
+
+    def acquire(self, cancelled: Callable[[], bool]) -> bool:
+        """Wait for a place, in arrival order; False (out of the line) as soon as `cancelled()` says so."""
+        me = object()
+        with self.cond:
+            self.line.append(me)
+            try:
+                while not (self.line[0] is me and self.free > 0):
+                    if cancelled():
+                        return False
+                    self.cond.wait(CANCEL_POLL_S)
+                self.free -= 1
+                return True
+            finally:
+                self.line.remove(me)
+                self.cond.notify_all()
+
+    def release(self) -> None:
+        with self.cond:
+            self.free += 1
+            self.cond.notify_all()
+
+
 class _Ticket:
     """A request's place in the queue: taken on admission, given back exactly once."""
 
@@ -194,7 +225,7 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
     app.add_middleware(RequestIds)
     state = {"waiting": 0, "served": 0, "failed": 0, "cancelled": 0, "mean_s": 1.0}
     # answers running at once: one per batch slot of the engine (Pipeline.start_batching), else one
-    model_slots = threading.BoundedSemaphore(pipe.engine.max_batch if pipe.engine is not None else 1)
+    model_slots = FifoSlots(pipe.engine.max_batch if pipe.engine is not None else 1)
     queue_lock = threading.Lock()
 
     @app.exception_handler(StarletteHTTPException)
@@ -310,9 +341,8 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
         """Wait for a place on the model (dropping out if the client has gone), then run `gen`; False when
         cancelled first."""
         try:
-            while not model_slots.acquire(timeout=CANCEL_POLL_S):
-                if gen.cancelled:
-                    return False
+            if not model_slots.acquire(lambda: gen.cancelled):
+                return False
         finally:
             ticket.release()
         try:
