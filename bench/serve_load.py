@@ -5,7 +5,8 @@
 
 For each `--max-batch` value the server starts in its own process (`vl2edge serve --max-batch N`); for each
 client count, that many client threads (httpx) send requests back to back for `--duration` seconds after
-a warm-up request. Requests: a short question (random, so prompts differ in length), `--max-tokens` new
+a warm-up request; the requests in flight then finish and count, and the wall time runs until they have.
+Requests: a short question (random, so prompts differ in length), `--max-tokens` new
 tokens, greedy or temperature 0.7, a quarter streamed, `--image-share` of them with a 320x240 picture as a
 data URL. Reported per cell: requests, failures, throughput (requests/s and generated tokens/s), latency
 p50/p99, and the server's resident memory (sampled each second from /proc). Run it on a quiet machine.
@@ -91,10 +92,10 @@ def run_cell(base: str, clients: int, duration: float, max_tokens: int, image_sh
                         r = c.post("/v1/chat/completions", json=body)
                         ok = r.status_code == 200
                         n = r.json()["usage"]["completion_tokens"] if ok else 0
-                    if ok and not stop.is_set():
+                    if ok:
                         lat.append(time.perf_counter() - t)
                         tokens.append(n)
-                    elif not ok:
+                    else:
                         errors.append(f"status {r.status_code}")
                 except httpx.HTTPError as e:
                     errors.append(repr(e))
@@ -105,10 +106,11 @@ def run_cell(base: str, clients: int, duration: float, max_tokens: int, image_sh
     for t in threads:
         t.start()
     time.sleep(duration)
-    stop.set()
-    wall = time.perf_counter() - t0
-    for t in threads:
+    stop.set()  # no new requests; the ones in flight finish and count (wall includes them)
+    for t in threads[1:]:
         t.join()
+    wall = time.perf_counter() - t0
+    threads[0].join()
     q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 2 else [float("nan")] * 99
     return {"clients": clients, "requests_ok": len(lat), "failed": len(errors), "errors": errors[:5],
             "throughput_rps": round(len(lat) / wall, 3), "tokens_per_s": round(sum(tokens) / wall, 1),

@@ -163,8 +163,8 @@ def test_eos_ends_a_row_at_once(torch_models):
 
 
 def test_a_failing_prompt_or_step_fails_its_answers_only(torch_models):
-    """A prompt whose embedding fails (a bad image) ends its own answer with the error; a step that fails ends
-    the answers in it, and the engine serves the next ones."""
+    """A prompt whose embedding or prefill fails (a bad image, a broken prompt) ends its own answer with the
+    error; the running answers go on and the engine serves the next ones."""
     model = torch_models["tiny"]
     prompts = _prompts(model)[:2]
     alone = _single(model, prompts[1], 6)
@@ -179,11 +179,15 @@ def test_a_failing_prompt_or_step_fails_its_answers_only(torch_models):
         with pytest.raises(InputError, match="x.png"):
             list(bad)
         assert list(good) == alone
-        T = prompts[0].shape[1]
-        broken = engine.submit(lambda: prompts[0][:, :, :8], T, Sequence(max_new_tokens=6, eos_id=None))
-        with pytest.raises(RuntimeError):  # a wrong-width embedding breaks the step
+        T = prompts[1].shape[1]
+        running = engine.submit(lambda: prompts[1], T, Sequence(max_new_tokens=12, eos_id=None))
+        first = next(iter(running))  # running when the broken prompt joins
+        broken = engine.submit(lambda: prompts[0][:, :, :8], prompts[0].shape[1],
+                               Sequence(max_new_tokens=6, eos_id=None))
+        with pytest.raises(RuntimeError):  # a wrong-width embedding breaks its prefill, and only its own
             list(broken)
-        again = engine.submit(lambda: prompts[1], prompts[1].shape[1], Sequence(max_new_tokens=6, eos_id=None))
+        assert [first, *running] == _single(model, prompts[1], 12)
+        again = engine.submit(lambda: prompts[1], T, Sequence(max_new_tokens=6, eos_id=None))
         assert list(again) == alone
     finally:
         engine.close()

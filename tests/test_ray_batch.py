@@ -125,3 +125,19 @@ def test_cli_ray_refuses_an_unreachable_cluster(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "cannot reach the Ray cluster" in r.stderr
     assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""
+
+
+def test_cli_batch_on_ray_with_a_json_schema(tmp_path):
+    """The command line end to end on a Ray instance of its own: options reach the actors (a JSON schema
+    among them), the lines are the local command's."""
+    img = golden.REF / "images"
+    common = [sys.executable, "-m", "vl2edge", "batch", "--model", str(MODEL), str(img / "square_384.png"),
+              str(img / "multi_c_256x256.png"), "--prompt", "Describe.", "--max-new-tokens", "12", "--json-schema",
+              "object", "--device", "cpu", "--dtype", "float32", "--backend", "torch"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    for name, extra in (("local", []), ("ray", ["--ray", "--actors", "1"])):
+        r = subprocess.run(common + ["--out", str(tmp_path / f"{name}.jsonl"), *extra], capture_output=True,
+                           text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+    got, want = _records(tmp_path / "ray.jsonl"), _records(tmp_path / "local.jsonl")
+    assert got == want and all(isinstance(r["json"], dict) or r["finish_reason"] == "length" for r in got)

@@ -158,17 +158,18 @@ class Engine:
             self.decoder.clear_row(self.cache, row)
             t._end()
             return
-        if t.embeds is None:
-            try:
-                t.embeds = t.embed()
-            except Exception as e:  # a bad image: this answer fails, the others go on
-                self.joining = None
-                t._end(e)
-                return
-            if int(t.embeds.shape[1]) != t.length:
-                raise ValueError(f"embed() gave {t.embeds.shape[1]} positions, {t.length} were announced")
         end = min(t.prefilled + t.chunk_size, t.length)
-        logits = self.decoder.prefill_row(t.embeds[:, t.prefilled:end], self.cache, row)
+        try:
+            if t.embeds is None:
+                t.embeds = t.embed()
+                if int(t.embeds.shape[1]) != t.length:
+                    raise ValueError(f"embed() gave {t.embeds.shape[1]} positions, {t.length} were announced")
+            logits = self.decoder.prefill_row(t.embeds[:, t.prefilled:end], self.cache, row)
+        except Exception as e:  # a bad image, a broken prompt: this answer fails, the running ones go on
+            self.joining = None
+            self.decoder.clear_row(self.cache, row)
+            t._end(e)
+            return
         t.prefilled = end
         if end < t.length:
             return
