@@ -165,7 +165,8 @@ class FifoSlots:
     one request wait 40 s while later ones went first)."""
 
     def __init__(self, n: int):
-        self.free, self.line, self.cond = n, collections.deque(), threading.Condition()
+        self.free, self.cond = n, threading.Condition()
+        self.line: collections.deque[object] = collections.deque()
 
     def acquire(self, cancelled: Callable[[], bool]) -> bool:
         """Wait for a place, in arrival order; False (out of the line) as soon as `cancelled()` says so."""
