@@ -62,7 +62,7 @@ def _records(path: Path) -> list[dict]:
 def _job(**kw):
     from vl2edge.ray_batch import RayJob
 
-    return RayJob(str(MODEL), LOAD, "Describe.", GEN, actors=2, cpus=1, max_batch=2, **kw)
+    return RayJob(str(MODEL), LOAD, "Describe.", GEN, **{"actors": 2, "cpus": 1, "max_batch": 2, **kw})
 
 
 def test_ray_job_equals_the_local_job(local_ray, inputs, local_records, tmp_path):
@@ -80,6 +80,15 @@ def test_ray_job_resumes_where_it_stopped(local_ray, inputs, local_records, tmp_
     counts = run_batch(None, inputs, "Describe.", out, resume=True, progress=False, answer=_job(), **GEN)
     assert counts["skipped"] == 3 and counts["done"] + counts["failed"] == len(local_records) - 3
     assert _records(out) == local_records
+
+
+def test_ray_job_refuses_resources_the_cluster_lacks(local_ray, inputs, tmp_path):
+    """An actor asking for a GPU on a CPU-only cluster would wait for ever: refused in one line instead."""
+    from vl2edge.errors import InputError
+
+    with pytest.raises(InputError, match="asks for 1 GPUs .* cluster has 0"):
+        run_batch(None, inputs, "Describe.", tmp_path / "o.jsonl", progress=False, answer=_job(gpus=1), **GEN)
+    assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""
 
 
 def _actor_pids() -> list[int]:

@@ -75,6 +75,11 @@ class RayJob:
             except (ConnectionError, ValueError, RuntimeError) as e:
                 raise InputError(f"cannot reach the Ray cluster at {self.address}: {str(e).splitlines()[0]}") \
                     from None
+        have = ray.cluster_resources()
+        for what, each in (("CPU", self.cpus), ("GPU", self.gpus)):
+            if each > have.get(what, 0):  # Ray would wait for them for ever
+                raise InputError(f"each actor asks for {each:g} {what}s (--{what.lower()}s-per-actor) but the Ray "
+                                 f"cluster has {have.get(what, 0):g}")
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # records come back in input order
         context.enable_progress_bars = False
