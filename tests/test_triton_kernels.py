@@ -298,3 +298,26 @@ def test_offloaded_layer_reads_slots_and_the_store_in_place(spec, n_slots):
                       off.layout.stacked_views(off.store.blobs), spec)
     ref = layer(x, idx, tw)
     torch.testing.assert_close(y.cpu(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tile_wider_than_the_matrix_reads_nothing_past_it():
+    """block_k wider than the down projection's K (= I): the columns past K must be masked. The stacks lie in
+    buffers followed by NaN, so a read past a matrix shows up in the output (it did, as NaN, now and then)."""
+    spec = QuantSpec(4, 32, False)
+    gen = torch.Generator().manual_seed(3)
+    E, D, I, A, T = 4, 128, 64, 2, 3
+    experts, refs = _experts(gen, spec, E, D, I)
+
+    def guarded(t: torch.Tensor) -> torch.Tensor:
+        """t, in a buffer whose tail past it holds NaN (or 0xFF bytes): the same values, poison after them."""
+        buf = torch.empty(t.numel() * 2, dtype=t.dtype, device=t.device)
+        buf.fill_(float("nan") if t.dtype.is_floating_point else 255)
+        buf[:t.numel()] = t.reshape(-1)
+        return buf[:t.numel()].view(t.shape)
+
+    poisoned = [ExpertWeights(qweight=guarded(w.qweight), scales=guarded(w.scales),
+                              qzeros=None if w.qzeros is None else guarded(w.qzeros)) for w in experts]
+    x, idx, tw = _inputs(gen, T, A, D, E, torch.float32)
+    y = moe_experts(x, idx, tw, *poisoned, spec, block_n=16, block_k=128)
+    assert torch.isfinite(y).all()
+    _check(y, _ref_moe(x, idx, tw, refs), torch.float32)

@@ -43,18 +43,19 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, offs_n, mask_n, k0, offs_k, K,
 
     w_ptr/s_ptr/z_ptr point at the matrix's first element/byte, scale and zero byte (the caller adds any
     expert offset, see `matrix_ptrs`; the matrix is dense); offs_n [BLOCK_N] int32 rows, mask_n their
-    in-bounds lanes (masked rows come back 0); k0 is a multiple of BLOCK_K. BITS == FLOAT: a float [N, K]
-    matrix, columns >= K masked; s_ptr/z_ptr unused. Packed (BITS 4 or 8): K is a multiple of BS. When
+    in-bounds lanes (masked rows and columns >= K come back 0); k0 is a multiple of BLOCK_K. BITS == FLOAT: a
+    float [N, K] matrix; s_ptr/z_ptr unused. Packed (BITS 4 or 8): K is a multiple of BS. When
     BLOCK_K <= BS the tile lies inside the quant block k0 // BS: one scale and one zero point per row
     ([BLOCK_N] loads); otherwise they are gathered per element. HAS_ZP: z_ptr holds the packed zero points,
     else 2^(BITS-1) is used.
     """
     n = offs_n[:, None]
+    # columns >= K are masked too: a tile wider than the matrix (BLOCK_K > K) must not read the next row's
+    # bytes, or scales past the last block (past the end of the stack: garbage, NaN once multiplied by x's 0)
+    mask = mask_n[:, None] & (offs_k < K)[None, :]
     if BITS == 0:
-        mask = mask_n[:, None] & (offs_k < K)[None, :]
         w = tl.load(w_ptr + n * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
-        mask = mask_n[:, None]
         if BITS == 4:
             byte = tl.load(w_ptr + n * (K // 2) + (offs_k // 2)[None, :], mask=mask, other=0).to(tl.int32)
             q = (byte >> ((offs_k & 1) * 4)[None, :]) & 15  # value 2j: low nibble of byte j
