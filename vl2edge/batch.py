@@ -402,24 +402,27 @@ def answer_items(pipe, prompt: str, work: Iterator[tuple[dict, Loader] | None], 
 
     window = pipe.engine.max_batch if pipe.engine is not None else 1
     in_flight: collections.deque[Future | None] = collections.deque()
+
+    def oldest(everything: bool) -> Iterator[dict | None]:
+        """The finished head of the line: while the window is full or a file-end marker leads (all at the end)."""
+        while in_flight and (everything or in_flight[0] is None or sum(f is not None for f in in_flight) >= window):
+            future = in_flight.popleft()
+            yield None if future is None else future.result()
+
     with ThreadPoolExecutor(window, thread_name_prefix="vl2edge-batch") as pool:
         try:
             for item in work:
-                if item is not None:
+                if item is None:
+                    in_flight.append(None)
+                else:
                     record, load = item
                     try:
                         image = load()
                     except VL2Error as e:
                         image = e
                     in_flight.append(pool.submit(answer, record, image))
-                else:
-                    in_flight.append(None)
-                while sum(f is not None for f in in_flight) >= window or (in_flight and in_flight[0] is None):
-                    future = in_flight.popleft()
-                    yield None if future is None else future.result()
-            while in_flight:
-                future = in_flight.popleft()
-                yield None if future is None else future.result()
+                yield from oldest(everything=False)
+            yield from oldest(everything=True)
         finally:  # the consumer stopped (a failed write, Ctrl-C): what has not started is not started
             for future in in_flight:
                 if future is not None:

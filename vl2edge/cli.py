@@ -210,23 +210,22 @@ def batch(a) -> None:
     if (a.prompt is None) == (a.prompt_file is None):
         raise InputError("give exactly one of --prompt and --prompt-file")
     prompt = a.prompt if a.prompt_file is None else read_prompt_file(a.prompt_file)
+    gen = _gen(a)
     if a.ray is not None:
-        from pathlib import Path
-
         from .config import VL2Config
         from .ray_batch import RayJob
 
-        model = os.path.abspath(a.model) if Path(a.model).is_dir() else a.model  # the actors' cwd is not ours
-        if Path(a.model).is_dir():
+        model = a.model
+        if os.path.isdir(model):
+            model = os.path.abspath(model)  # the actors' working directory is not ours
             VL2Config.from_pretrained(model)  # a wrong model fails here, in one line, not in every actor
-        gen = _gen(a)
         job = RayJob(model, _load_kw(a), prompt, gen, address=None if a.ray == "local" else a.ray, actors=a.actors,
                      cpus=a.cpus_per_actor, gpus=a.gpus_per_actor, max_batch=a.max_batch)
-        counts = run_batch(None, a.inputs, prompt, a.out, resume=a.resume, answer=job, **gen)
+        counts = run_batch(None, a.inputs, prompt, a.out, resume=a.resume, answer=job)
     else:
         pipe = _load(a)
         pipe.start_batching(a.max_batch)
-        counts = run_batch(pipe, a.inputs, prompt, a.out, resume=a.resume, **_gen(a))
+        counts = run_batch(pipe, a.inputs, prompt, a.out, resume=a.resume, **gen)
     print(f"[vl2edge] batch: {counts['done']} answered, {counts['failed']} failed, {counts['skipped']} already "
           f"done -> {a.out}", file=sys.stderr)
 

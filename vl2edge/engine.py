@@ -84,7 +84,6 @@ class Engine:
         self.running: list[Ticket] = []                      # row i of the cache is running[i]
         self.joining: Ticket | None = None                   # being prefilled, in row len(running)
         self.waiting: collections.deque[Ticket] = collections.deque()
-        self.compute = threading.Lock()
         self.steps = 0                                       # decode steps run
         self.rows_decoded = 0                                # rows they served (mean batch = rows/steps)
         self._wake = threading.Condition()
@@ -128,11 +127,10 @@ class Engine:
                     self._wake.wait()
                 if self._closed:
                     return
-            with self.compute:
-                try:
-                    self.turn()
-                except Exception as e:  # a failed step fails the answers in it; the engine goes on
-                    self._fail_all(e)
+            try:
+                self.turn()
+            except Exception as e:  # a failed step fails the answers in it; the engine goes on
+                self._fail_all(e)
 
     def turn(self) -> None:
         """One turn: drop cancelled answers, prefill a chunk of a joining prompt, run one decode step."""

@@ -194,7 +194,7 @@ class StaticDecoder:
         return self.model.decode_rows(token_ids, cache)
 
     def move_row(self, cache: SlotCache, src: int, dst: int) -> None:
-        cache.move(src, dst)
+        self.model.move_row(cache, src, dst)
 
     def clear_row(self, cache: SlotCache, row: int) -> None:
-        cache.clear(row)
+        self.model.clear_row(cache, row)
