@@ -226,7 +226,8 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
     app.add_middleware(RequestIds)
     state = {"waiting": 0, "served": 0, "failed": 0, "cancelled": 0, "mean_s": 1.0}
     # answers running at once: one per batch slot of the engine (Pipeline.start_batching), else one
-    model_slots = FifoSlots(pipe.engine.max_batch if pipe.engine is not None else 1)
+    places = pipe.engine.max_batch if pipe.engine is not None else 1
+    model_slots = FifoSlots(places)
     queue_lock = threading.Lock()
 
     @app.exception_handler(StarletteHTTPException)
@@ -250,7 +251,8 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
     def admit() -> _Ticket:
         with queue_lock:
             if state["waiting"] >= max_queue:
-                wait = max(1, math.ceil(state["mean_s"] * (state["waiting"] + 1)))
+                # a request's mean time on the model, over the places that serve the line at once
+                wait = max(1, math.ceil(state["mean_s"] * (state["waiting"] + 1) / places))
                 raise HTTPError(429, f"the server is busy ({max_queue} requests waiting); retry later",
                                 "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(wait)})
             state["waiting"] += 1
