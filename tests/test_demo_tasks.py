@@ -1,0 +1,171 @@
+"""The demo model's rendered tasks and its training mechanics (vl2edge/demo_tasks.py, vl2edge/train_demo.py).
+
+What is checked here holds for any trained weights: examples are a function of the seed, the pictures
+hold what the answers say (ink where the number is, the named colour inside the box), scoring accepts
+right answers and refuses wrong ones, the training batch's labels are exactly the answer and eos, the
+trained weights round-trip through the official layout, and a training step lowers the loss.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from vl2edge import demo_tasks
+from vl2edge.demo_tasks import COLORS, example, iou, score
+from vl2edge.grounding import parse
+
+torch = pytest.importorskip("torch")
+
+
+def _same(a: demo_tasks.Example, b: demo_tasks.Example) -> bool:
+    return (a.prompt, a.answer, a.box) == (b.prompt, b.answer, b.box) and all(
+        x.tobytes() == y.tobytes() for x, y in zip(a.images, b.images))
+
+
+@pytest.mark.parametrize("task", demo_tasks.TASKS)
+def test_examples_are_a_function_of_the_seed(task):
+    assert _same(example(task, random.Random(3)), example(task, random.Random(3)))
+    drawn = [example(task, random.Random(s)) for s in range(8)]
+    assert len({(e.answer, e.images[0].tobytes()) for e in drawn}) == 8
+
+
+def _ink(img) -> tuple[int, int, int, int]:
+    """Bounding box (x1, y1, x2, y2) of the dark pixels."""
+    a = np.asarray(img.convert("L")) < 128
+    ys, xs = np.nonzero(a)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_number_pictures_hold_their_number(seed):
+    ex = example("number", random.Random(seed))
+    assert ex.prompt == f"<image>\n{demo_tasks.NUMBER_PROMPT}" and 3 <= len(ex.answer) <= 5 and ex.answer[0] != "0"
+    (img,) = ex.images
+    W, H = img.size
+    x1, y1, x2, y2 = _ink(img)
+    assert 0 < x1 < x2 < W and 0 < y1 < y2 < H  # the whole number is inside the canvas
+    assert y2 - y1 >= 12  # 24 px font: digits at least about half the size
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_wide_pictures_need_two_tiles_and_put_the_number_right(seed):
+    ex = example("wide", random.Random(seed))
+    (img,) = ex.images
+    W, H = img.size
+    assert W >= 2 * H
+    assert _ink(img)[0] >= W // 2
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_grounding_answer_points_at_the_named_shape(seed):
+    ex = example("ground", random.Random(seed))
+    color = next(c for c in COLORS if f"the {c} " in ex.prompt)
+    a = np.asarray(ex.images[0]).astype(int)
+    mask = np.abs(a - np.asarray(COLORS[color])).sum(-1) == 0
+    assert ex.box is not None
+    x1, y1, x2, y2 = ex.box
+    filled = mask[y1:y2, x1:x2].mean()
+    assert filled > (0.99 if "square" in ex.prompt else 0.75)  # a square fills its box, a circle pi/4 of it
+    ring = mask[max(0, y1 - 3):y2 + 3, max(0, x1 - 3):x2 + 3].sum() - mask[y1:y2, x1:x2].sum()
+    assert ring == 0  # nothing of that colour just outside: the box is tight
+    boxes = parse(ex.answer, [ex.images[0].size]).boxes
+    assert len(boxes) == 1 and boxes[0].label in ex.prompt
+    # the 0..999 round trip: the official int() may lose a pixel on each side
+    assert boxes[0].pixels is not None and iou(boxes[0].pixels, ex.box) > 0.9
+    assert score(ex, ex.answer)
+
+
+def test_score_refuses_wrong_answers():
+    num = example("number", random.Random(0))
+    assert score(num, num.answer) and score(num, f" {num.answer}\n")
+    assert not score(num, num.answer + "1") and not score(num, "")
+    ground = example("ground", random.Random(1))
+    assert ground.box is not None
+    x1, y1, x2, y2 = ground.box
+    W, H = ground.images[0].size
+    side = x2 - x1
+
+    def answer(dx):
+        return (f"<|ref|>x<|/ref|><|det|>[[{round((x1 + dx) * 999 / W)}, {round(y1 * 999 / H)}, "
+                f"{round((x2 + dx) * 999 / W)}, {round(y2 * 999 / H)}]]<|/det|>")
+    assert score(ground, answer(side * 0.1))
+    assert not score(ground, answer(side * 0.5))  # IoU 1/3
+    assert not score(ground, "no box here")
+
+
+def test_count_answer_names_the_image_with_more_circles():
+    for s in range(6):
+        ex = example("count", random.Random(s))
+        assert len(ex.images) == 2 and ex.prompt.count("<image>") == 2
+        assert ex.answer in ("The first image.", "The second image.")
+
+
+# -- training mechanics ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    from vl2edge.models.loading import load_model
+    from vl2edge.models.model import VL2Model
+    from vl2edge.synthetic import write_model
+    from vl2edge.train_demo import demo_config
+
+    out = tmp_path_factory.mktemp("demo")
+    config = demo_config("mha", width=32, hidden=64)
+    write_model(config, out)
+    model = VL2Model(config)
+    model.load_state_dict(load_model(out, dtype="float32", device="cpu").model.state_dict())
+    return out, model
+
+
+def test_batch_labels_are_the_answer_and_eos(small_model):
+    from vl2edge.processor import Processor
+    from vl2edge.train_demo import make_batch
+
+    out, _ = small_model
+    proc = Processor.from_pretrained(out)
+    batch, lens = make_batch(proc, "ground", 3, random.Random(7))
+    first = example("ground", random.Random(7))  # the batch's first row, drawn again
+    ids = batch.input_ids
+    for b, n in enumerate(lens):
+        assert ids[b, -1] == proc.eos_id and not batch.images_seq_mask[b, -n:].any()
+    assert proc.decode(ids[0, -lens[0]:-1]) == first.answer
+
+
+def test_trained_weights_round_trip_through_the_official_layout(small_model, tmp_path):
+    import shutil
+
+    from vl2edge.models.loading import load_model
+    from vl2edge.train_demo import save_weights
+
+    out, model = small_model
+    dst = tmp_path / "m"
+    shutil.copytree(out, dst)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.add_(0.01 * (i + 1))  # differ from the random checkpoint everywhere, experts included
+    save_weights(model, dst)
+    back = load_model(dst, dtype="float32", device="cpu").model.state_dict()
+    for name, t in model.state_dict().items():
+        assert torch.equal(back[name], t), name
+
+
+def test_a_training_step_lowers_the_loss(small_model):
+    from vl2edge.processor import Processor
+    from vl2edge.train_demo import answer_loss, make_batch
+
+    out, model = small_model
+    proc = Processor.from_pretrained(out)
+    batch, lens = make_batch(proc, "number", 2, random.Random(0))
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(25):
+        loss = answer_loss(model, batch, lens)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
