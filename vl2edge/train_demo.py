@@ -14,8 +14,9 @@ command, seed, steps, time and the held-out accuracy measured at the end.
 Status (2026-12-02): the mechanics are tested (tests/test_demo_tasks.py), but the first full run
 (mha, 2,800 steps of 8 at lr 2e-3, 994 s on 2 cores) did not learn to read the pictures: number loss
 stayed near chance (2.04 per token) and held-out accuracy was 0 % (numbers), 1 % (boxes). A
-count-only run at lr 5e-4 did start to use the images (loss 0.10 -> 0.045 in 200 steps); the next
-step is a lower learning rate and a per-task look at when each task leaves its plateau.
+count-only run at lr 5e-4 did learn from the images: loss 0.10 -> 0.03 and 85 % held-out accuracy after
+300 steps (263 s). The next step: lr 5e-4 for the mixed run, and a per-task look at when each task
+leaves its plateau.
 
 Loss: cross-entropy over the answer tokens and the closing eos only. Batches hold one task each (rows
 of one task have similar lengths, so left-padding wastes little).
