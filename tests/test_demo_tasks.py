@@ -8,6 +8,7 @@ trained weights round-trip through the official layout, and a training step lowe
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -48,6 +49,19 @@ def test_number_pictures_hold_their_number(seed):
     x1, y1, x2, y2 = _ink(img)
     assert 0 < x1 < x2 < W and 0 < y1 < y2 < H  # the whole number is inside the canvas
     assert y2 - y1 >= 12  # 24 px font: digits at least about half the size
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_tight_number_pictures_crop_close_around_the_whole_number(seed):
+    ex = example("number", random.Random(seed), tight=True)
+    (img,) = ex.images
+    W, H = img.size
+    x1, y1, x2, y2 = _ink(img)
+    assert 0 < x1 < x2 < W and 0 < y1 < y2 < H
+    # margins of at most half the text plus 10 px; the font's bearings (up to ~20 px at 60 px) on top
+    assert W - (x2 - x1) <= (x2 - x1) / 2 + 40 and H - (y2 - y1) <= (y2 - y1) / 2 + 40
+    assert example("ground", random.Random(seed), tight=True).images[0].size == \
+        example("ground", random.Random(seed)).images[0].size  # other tasks ignore it
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -132,6 +146,20 @@ def test_batch_labels_are_the_answer_and_eos(small_model):
     for b, n in enumerate(lens):
         assert ids[b, -1] == proc.eos_id and not batch.images_seq_mask[b, -n:].any()
     assert proc.decode(ids[0, -lens[0]:-1]) == first.answer
+
+
+def test_the_curriculum_starts_tight_and_ends_mostly_full_size(small_model):
+    from vl2edge.processor import Processor
+    from vl2edge.train_demo import TIGHT_FLOOR, make_batch, tight_share
+
+    shares = [tight_share(s, 1000) for s in range(1000)]
+    assert shares[0] == 1.0 and shares[-1] == TIGHT_FLOOR < 0.5
+    assert all(a >= b for a, b in itertools.pairwise(shares))
+    proc = Processor.from_pretrained(small_model[0])
+    for share, small in ((1.0, True), (0.0, False)):
+        batch, _ = make_batch(proc, "number", 6, random.Random(5), tight_share=share)
+        # every tight crop is far smaller than the 256x192 px minimum of a full-size canvas
+        assert all((w * h < 256 * 192) == small for ((w, h),) in batch.image_sizes), (share, batch.image_sizes)
 
 
 def test_trained_weights_round_trip_through_the_official_layout(small_model, tmp_path):

@@ -65,9 +65,17 @@ def random_number(rng: random.Random) -> int:
     return rng.randint(10 ** (digits - 1), 10 ** digits - 1)
 
 
-def _number(rng: random.Random) -> Example:
+def tight_canvas(value: int, size: int, rng: random.Random) -> tuple[int, int]:
+    """A canvas (w, h) just around the rendered text: margins of 10 px to half the text's size."""
+    x0, y0, x1, y1 = (int(v) for v in ImageFont.load_default(size=size).getbbox(str(value)))
+    tw, th = x1 - x0, y1 - y0
+    return tw + rng.randint(10, tw // 2 + 10), th + rng.randint(10, th // 2 + 10)
+
+
+def _number(rng: random.Random, tight: bool = False) -> Example:
     value = random_number(rng)
-    img = number_image(value, rng.randint(*FONT_SIZES), rng)
+    size = rng.randint(*FONT_SIZES)
+    img = number_image(value, size, rng, canvas=tight_canvas(value, size, rng) if tight else None)
     return Example("number", (img,), f"<image>\n{NUMBER_PROMPT}", str(value))
 
 
@@ -147,8 +155,10 @@ def _count(rng: random.Random) -> Example:
 _MAKERS = {"number": _number, "wide": _wide, "ground": _ground, "count": _count}
 
 
-def example(task: str, rng: random.Random) -> Example:
-    return _MAKERS[task](rng)
+def example(task: str, rng: random.Random, tight: bool = False) -> Example:
+    """One example of `task`. tight: a number picture cropped close around its text, so that the processor
+    scales the digits up (the training curriculum's easy form); the other tasks ignore it."""
+    return _number(rng, tight) if task == "number" else _MAKERS[task](rng)
 
 
 def iou(a, b) -> float:

@@ -11,12 +11,18 @@ token layout inference sees. The directory is written in the official layout (a 
 via `vl2edge.synthetic`, then its weights replaced by the trained ones) with `training.json`: the
 command, seed, steps, time and the held-out accuracy measured at the end.
 
-Status (2026-12-02): the mechanics are tested (tests/test_demo_tasks.py), but the first full run
-(mha, 2,800 steps of 8 at lr 2e-3, 994 s on 2 cores) did not learn to read the pictures: number loss
-stayed near chance (2.04 per token) and held-out accuracy was 0 % (numbers), 1 % (boxes). A
-count-only run at lr 5e-4 did learn from the images: loss 0.10 -> 0.03 and 85 % held-out accuracy after
-300 steps (263 s). The next step: lr 5e-4 for the mixed run, and a per-task look at when each task
-leaves its plateau.
+Status (2026-12-04): the mechanics are tested (tests/test_demo_tasks.py); no run has yet learned every
+task, so nothing is shipped. What is known (numbers in bench/RESULTS.md, 2026-12-04): trained on
+number pictures of the full-size distribution (24-60 px digits anywhere on a 256-384 px canvas) the
+model sits on the plateau of the unconditional answer (loss ~2.05 per token) for 900+ steps, at patch
+32 and 16, lr 5e-4..2e-3, two inits; the cause is the tower, which alone cannot learn one such digit
+in 150 steps at patch 32 (`bench/vision_probe.py`). Trained on tight crops (`tight_share`), the same
+model leaves the plateau near step 800 and reads 84 % of held-out tight crops after 2,400 steps
+(patch 32, 760 s), but 0 % of full-size pictures. The curriculum below (tight crops falling to 20 % at
+mid-run) was too fast in its one run: the loss had not left the plateau when the share reached its
+floor. Widening the canvases gradually from the tight-crop model (1,800 steps) brought the full-size
+loss to 1.44 per token but 0 % exact answers. Next: hold the share at 1 until the number loss leaves
+the plateau (say < 1.0), then widen, at patch 16 (the probe learns twice as fast a step there).
 
 Loss: cross-entropy over the answer tokens and the closing eos only. Batches hold one task each (rows
 of one task have similar lengths, so left-padding wastes little).
@@ -49,10 +55,12 @@ VARIANTS = ("mha", "mla-noaux")
 RESOLUTIONS = [[384, 384], [768, 384], [384, 768]]
 HELDOUT_SEED = 7_000_000_000_000  # held-out examples: seeds far from the training steps' (seed * 1_000_003 + step)
 TASK_WEIGHTS = {"number": 0.45, "wide": 0.1, "ground": 0.35, "count": 0.1}
+CURRICULUM, TIGHT_FLOOR = 0.5, 0.2  # tight number crops: all at step 0, down to 20 % from mid-run on
 
 
 def demo_config(variant: str, width: int = 128, hidden: int = 128, patch: int = 32) -> VL2Config:
-    """`presets.tiny(variant)` with 32-px patches (6x6 tokens a tile), a wider tower and LM, 2-tile layouts."""
+    """`presets.tiny(variant)` with `patch`-px patches (32: 6x6 merged tokens a tile; 16: 12x12, near the
+    real model's 14x14, at 2-3x the cost a step), a wider tower and LM, 2-tile layouts."""
     d = tiny(variant).to_dict()
     d["candidate_resolutions"] = RESOLUTIONS
     d["vision_config"] |= {"patch_size": patch, "width": width, "layers": 3, "heads": 4}
@@ -74,17 +82,25 @@ def encode(processor: Processor, ex: demo_tasks.Example) -> tuple[ProcessorOutpu
                            out.image_sizes, out.num_image_tokens), answer
 
 
-def make_batch(processor: Processor, task: str, rows: int, rng: random.Random):
-    """A left-padded batch of one task, and the answer length of each row (answers end every row)."""
-    encoded = [encode(processor, demo_tasks.example(task, rng)) for _ in range(rows)]
+def make_batch(processor: Processor, task: str, rows: int, rng: random.Random, tight_share: float = 0.0):
+    """A left-padded batch of one task, and the answer length of each row (answers end every row);
+    about `tight_share` of number rows are tight crops (`demo_tasks.example(..., tight=True)`)."""
+    drawn = [demo_tasks.example(task, rng, tight=tight_share > 0 and rng.random() < tight_share) for _ in range(rows)]
+    encoded = [encode(processor, ex) for ex in drawn]
     return processor.collate([e for e, _ in encoded]), [n for _, n in encoded]
 
 
-def step_batch(seed: int, step: int, rows: int, processor: Processor):
-    """Step `step`'s task and batch: a function of (seed, step) alone, wherever it is made."""
+def tight_share(step: int, steps: int) -> float:
+    """The curriculum: every number picture a tight crop at first, falling linearly to TIGHT_FLOOR at
+    CURRICULUM of the run (a tower that never saw big digits stays on the plateau: bench/vision_probe.py)."""
+    return max(TIGHT_FLOOR, 1.0 - step / (CURRICULUM * steps))
+
+
+def step_batch(seed: int, step: int, steps: int, rows: int, processor: Processor):
+    """Step `step`'s task and batch: a function of (seed, step, steps) alone, wherever it is made."""
     rng = random.Random(seed * 1_000_003 + step)
     task = rng.choices(list(TASK_WEIGHTS), list(TASK_WEIGHTS.values()))[0]
-    return task, *make_batch(processor, task, rows, rng)
+    return task, *make_batch(processor, task, rows, rng, tight_share(step, steps))
 
 
 def answer_loss(model, batch: ProcessorOutput, answer_lens: list[int]) -> torch.Tensor:
@@ -149,7 +165,9 @@ def save_weights(model, out: Path) -> None:
 
 
 def train(variant: str, out: Path, steps: int, seed: int, batch: int, lr: float, width: int = 128, hidden: int = 128,
-          patch: int = 32, log=print) -> dict:
+          patch: int = 32, bf16: bool = True, log=print) -> dict:
+    """Train from the seeded init for `steps` batches; weights written over `out`'s. bf16: autocast the
+    forward pass (AMX matmuls; master weights and optimizer state stay float32)."""
     from .models.loading import load_model
     from .models.model import VL2Model
     from .synthetic import write_model
@@ -173,8 +191,9 @@ def train(variant: str, out: Path, steps: int, seed: int, batch: int, lr: float,
     t0 = time.perf_counter()
     losses: dict[str, list[float]] = {t: [] for t in TASK_WEIGHTS}
     for step in range(steps):  # rendering in a second process was slower: it stalls torch's two threads
-        task, b, lens = step_batch(seed, step, batch, processor)
-        loss = answer_loss(model, b, lens)
+        task, b, lens = step_batch(seed, step, steps, batch, processor)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = answer_loss(model, b, lens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -197,6 +216,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--patch", type=int, default=32, help="vision patch size in px (384/patch patches a tile side)")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="train the forward pass in float32")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--eval", type=int, default=100, metavar="N", help="held-out examples per task scored at the end")
     a = ap.parse_args(argv)
@@ -204,13 +225,14 @@ def main(argv=None) -> None:
         torch.set_num_threads(a.threads)
     partial = a.out.with_name(a.out.name + ".partial")  # the old model stays until the new one is whole
     shutil.rmtree(partial, ignore_errors=True)
-    report = train(a.variant, partial, a.steps, a.seed, a.batch, a.lr, log=lambda s: print(s, flush=True))
+    report = train(a.variant, partial, a.steps, a.seed, a.batch, a.lr, patch=a.patch, bf16=a.bf16,
+                   log=lambda s: print(s, flush=True))
     from .pipeline import load
 
     report["heldout_seed"] = HELDOUT_SEED + a.seed
     pipe = load(partial, device="cpu", dtype="float32", backend="torch")
     report["heldout_accuracy"] = accuracy(pipe, HELDOUT_SEED + a.seed, a.eval)
-    report |= {"variant": a.variant, "seed": a.seed, "batch": a.batch, "lr": a.lr,
+    report |= {"variant": a.variant, "seed": a.seed, "batch": a.batch, "lr": a.lr, "patch": a.patch, "bf16": a.bf16,
                "command": "python -m vl2edge.train_demo " + " ".join(sys.argv[1:] if argv is None else argv)}
     (partial / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     shutil.rmtree(a.out, ignore_errors=True)
