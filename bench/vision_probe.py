@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     ap.add_argument("--font", type=int, default=60, help="font size in px")
     ap.add_argument("--tight", action="store_true", help="canvas just around the digit")
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     a = ap.parse_args(argv)
 
