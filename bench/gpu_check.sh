@@ -17,6 +17,12 @@ PY=${PYTHON:-python3}
 LOGS=${OUT:-bench/out}
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c 'import vl2edge.quant, vl2edge.export' 2>/dev/null; then
+    # a bare checkout (the device machine): install it editable, offline, without dependencies, so that
+    # pyproject's package-dir (quant/ -> vl2edge.quant, export/ -> vl2edge.export) applies
+    echo "vl2edge is not installed for $PY: pip install --no-deps -e ."
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 2
+fi
 status=0
 summary=()
 
