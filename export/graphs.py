@@ -79,6 +79,14 @@ def cache_io(model: VL2Model) -> tuple[list[str], list[str], dict]:
     return past, present, {"kinds": list(kinds), "sequence_axis": axis, "shape": shape}
 
 
+def zero_pasts(model: VL2Model, batch: int, past: int) -> list[torch.Tensor]:
+    """Float32 zero past tensors in `cache_io`'s layout: `past` positions for `batch` rows each."""
+    names, _, layout = cache_io(model)
+    shape = [batch, *layout["shape"][1:]]
+    shape[layout["sequence_axis"]] = past
+    return [torch.zeros(shape, dtype=torch.float32) for _ in names]
+
+
 class DecoderGraph(nn.Module):
     """With `routing=True`, also outputs each MoE layer's top-k expert choice [B*T, A] (for tests)."""
 
@@ -136,9 +144,7 @@ def export_decoder(model: VL2Model, out: Path, routing: bool = False) -> dict:
     c = model.config.language_config
     past_names, present_names, layout = cache_io(model)
     B, T, P = 2, 3, 2  # sizes > 1 so the tracer keeps every axis symbolic
-    shape = [B, *layout["shape"][1:]]
-    shape[layout["sequence_axis"]] = P
-    pasts = [torch.zeros(shape, dtype=torch.float32) for _ in past_names]
+    pasts = zero_pasts(model, B, P)
     embeds = torch.randn(B, T, c.hidden_size)
     mask = torch.ones(B, P + T, dtype=torch.int64)
     axis = layout["sequence_axis"]

@@ -3,9 +3,10 @@
 Four tasks, each an `Example` (images, user prompt, expected answer):
 
 - `number`: a 3-5 digit number, black on white in Pillow's default font (24-60 px), anywhere on a
-  canvas of 256-384 x 192-384 px -> "What number is written here?" -> "4821";
-- `wide`: the same question on a wide canvas (at least 2:1, two 384 tiles) with the number in its right
-  half: the answer is only readable at full resolution in the right tile;
+  canvas around it (`number_canvas`: margins of 10 px up to half the text's size) -> "What number is
+  written here?" -> "4821";
+- `wide`: the same question on a wide canvas (400-480 px, at least 2:1: two 384 tiles) with the number
+  (40-60 px) in its right half: the answer is only readable at full resolution in the right tile;
 - `ground`: one to three coloured squares and circles -> the official grounding prompt
   "<|grounding|>Locate <|ref|>the red square<|/ref|> in the image." -> the same ref and its box as
   `<|det|>[[x1, y1, x2, y2]]<|/det|>` in 0..999 coordinates of the image;
@@ -19,6 +20,7 @@ seed names a set of examples.
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
@@ -31,6 +33,8 @@ COUNT_PROMPT = "Which image has more circles?"
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 80, 220), "yellow": (235, 190, 20)}
 SHAPES = ("square", "circle")
 FONT_SIZES = (24, 60)   # px, inclusive: the range the demo model is trained and scored on
+GROUND_FIGURES = (1, 3)  # figures on a grounding picture, inclusive
+WIDE_FONT_SIZES = (40, 60)  # the wide task's: its digits are not scaled up much (768 / 400-480 px)
 IOU_OK = 0.5
 
 
@@ -65,25 +69,33 @@ def random_number(rng: random.Random) -> int:
     return rng.randint(10 ** (digits - 1), 10 ** digits - 1)
 
 
-def tight_canvas(value: int, size: int, rng: random.Random) -> tuple[int, int]:
-    """A canvas (w, h) just around the rendered text: margins of 10 px to half the text's size."""
+def text_size(value: int, size: int) -> tuple[int, int]:
+    """(width, height) of the number's ink box at font size `size`."""
     x0, y0, x1, y1 = (int(v) for v in ImageFont.load_default(size=size).getbbox(str(value)))
-    tw, th = x1 - x0, y1 - y0
+    return x1 - x0, y1 - y0
+
+
+def number_canvas(value: int, size: int, rng: random.Random) -> tuple[int, int]:
+    """A canvas (w, h) around the rendered text: margins of 10 px to half the text's size. The demo
+    model's tower (12 patches a tile side) reads digits the processor scales up to fill the tile; on a
+    page-sized canvas 24 px digits are smaller than a patch (bench/RESULTS.md, 2026-12-04)."""
+    tw, th = text_size(value, size)
     return tw + rng.randint(10, tw // 2 + 10), th + rng.randint(10, th // 2 + 10)
 
 
-def _number(rng: random.Random, tight: bool = False) -> Example:
+def _number(rng: random.Random) -> Example:
     value = random_number(rng)
     size = rng.randint(*FONT_SIZES)
-    img = number_image(value, size, rng, canvas=tight_canvas(value, size, rng) if tight else None)
+    img = number_image(value, size, rng, canvas=number_canvas(value, size, rng))
     return Example("number", (img,), f"<image>\n{NUMBER_PROMPT}", str(value))
 
 
 def _wide(rng: random.Random) -> Example:
     value = random_number(rng)
-    H = rng.randint(160, 320)
-    img = number_image(value, rng.randint(*FONT_SIZES), rng, canvas=(rng.randint(max(2 * H, 640), 768), H),
-                       right_half=True)
+    size = rng.randint(*WIDE_FONT_SIZES)
+    W = rng.randint(400, 480)  # wider than a tile and at least 2:1: the processor makes two local tiles
+    canvas = (W, rng.randint(text_size(value, size)[1] + 20, W // 2))
+    img = number_image(value, size, rng, canvas=canvas, right_half=True)
     return Example("wide", (img,), f"<image>\n{NUMBER_PROMPT}", str(value))
 
 
@@ -124,7 +136,7 @@ def grounding_prompt(ref: str) -> str:
 
 def _ground(rng: random.Random) -> Example:
     W, H = rng.randint(192, 384), rng.randint(192, 384)
-    img, placed = shapes_image(rng, W, H, rng.randint(1, 3))
+    img, placed = shapes_image(rng, W, H, rng.randint(*GROUND_FIGURES))
     ref, box = placed[rng.randrange(len(placed))]
     norm = [round(v * 999 / s) for v, s in zip(box, (W, H, W, H))]
     return Example("ground", (img,), grounding_prompt(ref),
@@ -155,10 +167,9 @@ def _count(rng: random.Random) -> Example:
 _MAKERS = {"number": _number, "wide": _wide, "ground": _ground, "count": _count}
 
 
-def example(task: str, rng: random.Random, tight: bool = False) -> Example:
-    """One example of `task`. tight: a number picture cropped close around its text, so that the processor
-    scales the digits up (the training curriculum's easy form); the other tasks ignore it."""
-    return _number(rng, tight) if task == "number" else _MAKERS[task](rng)
+def example(task: str, rng: random.Random) -> Example:
+    """One example of `task`."""
+    return _MAKERS[task](rng)
 
 
 def iou(a, b) -> float:
@@ -175,3 +186,43 @@ def score(ex: Example, answer: str) -> bool:
         return answer.strip() == ex.answer
     boxes = parse(answer, [ex.images[-1].size]).boxes
     return bool(boxes) and boxes[0].pixels is not None and iou(boxes[0].pixels, ex.box) >= IOU_OK
+
+
+def demo_pictures(out, seed: int | None = None) -> dict[str, str]:
+    """`make demo`'s two fresh pictures in `out`: number.png (a number to read) and shapes.png (figures,
+    the red square among them). Returns what was drawn: the number, and the red square's pixel box."""
+    from pathlib import Path
+
+    rng = random.Random(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    number = _number(rng)
+    number.images[0].save(out / "number.png")
+    while True:  # redraw until the red square made it onto the canvas
+        W, H = rng.randint(256, 384), rng.randint(256, 384)
+        img, placed = shapes_image(rng, W, H, 3)
+        box = dict(placed).get("the red square")
+        if box is not None:
+            break
+    img.save(out / "shapes.png")
+    return {"number": number.answer, "red square": f"({box[0]}, {box[1]}, {box[2]}, {box[3]}) px of {W}x{H}"}
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m vl2edge.demo_tasks",
+                                 description="Render make demo's pictures: a number to read, figures to point at.")
+    ap.add_argument("--out", required=True, help="folder to write number.png and shapes.png into")
+    ap.add_argument("--seed", type=int, default=None, help="default: fresh pictures each time")
+    a = ap.parse_args(argv)
+    try:
+        drawn = demo_pictures(a.out, a.seed)
+    except OSError as e:
+        print(f"error: cannot write the pictures into {a.out}: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print("drawn: " + "; ".join(f"{k} {v}" for k, v in drawn.items()))
+
+
+if __name__ == "__main__":
+    main()
