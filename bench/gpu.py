@@ -20,7 +20,8 @@ bf16. For each model it measures time to first token for a 1024x768 image and de
 plus hit rate, bytes copied and stall time. Random weights route nearly uniformly, the pessimistic
 case for a cache; `replay` rows re-run offloading with routing replaced by skewed synthetic traces (Zipf
 over experts, 60 % of each token's experts reused from the previous token) and are labelled as such.
-Rows past `--deadline-s` are skipped and listed, so the script ends inside the device budget.
+Each model gets an equal share of the time left before `--deadline-s`; a row (or offload re-plan) expected to
+end past its share (it takes as long as the last one) is skipped and listed, so the script ends inside the budget.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -99,13 +101,42 @@ def quantized_experts(model: VL2Model, recipe: str = "int4-experts") -> VL2Model
     return model
 
 
+class Budget:
+    """Skips work that would end past a deadline, expecting each piece to take as long as the last one."""
+
+    def __init__(self, deadline: float):
+        self.deadline, self.last = deadline, 0.0
+
+    def allows(self) -> bool:
+        return time.perf_counter() + self.last <= self.deadline
+
+    @contextmanager
+    def timed(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.last = time.perf_counter() - t0
+
+
 def run_model(name: str, args, device, dtype, proc, deadline: float) -> list[dict]:
     rows = []
+    budget = Budget(deadline)
+
+    def skipped(label) -> bool:
+        if budget.allows():
+            return False
+        print(json.dumps({"model": name, "setting": label, "skipped": "would end past this model's share of "
+                          "--deadline-s"}), flush=True)
+        return True
 
     def row(label, backend, model, **extra):
-        if time.perf_counter() > deadline:
-            print(json.dumps({"model": name, "setting": label, "skipped": "past --deadline-s"}), flush=True)
+        if skipped(label):
             return
+        with budget.timed():
+            measure(label, backend, model, **extra)
+
+    def measure(label, backend, model, **extra):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         r = {"model": name, "setting": label, **ttft_and_decode(backend, proc, args.new_tokens, args.runs, device),
@@ -143,12 +174,15 @@ def run_model(name: str, args, device, dtype, proc, deadline: float) -> list[dic
     def setting(label, slots, cost=None, prefetch=True, kind=OffloadedExperts, static=True, policy="lfru", **extra):
         """Re-plan every layer with `slots` slots (the CPU stores are built once, then reused). Replayed traces
         draw routing on the host each step, which a captured graph would freeze: those run the step eagerly."""
-        model.to("cpu")
-        offload(model, device, slots, cost or CostModel(enabled=device.type == "cuda"), prefetch=prefetch, kind=kind,
-                policy=policy)
-        traced = any(isinstance(m, TraceGate) for m in model.modules())
-        backend = StaticDecoder(model, graph=graph and not traced) if static else model
-        row(label, backend, model, slots=slots, policy=policy if static else "lru (eager)", **extra)
+        if skipped(label):  # before the re-plan, which copies every layer's slots
+            return
+        with budget.timed():
+            model.to("cpu")
+            offload(model, device, slots, cost or CostModel(enabled=device.type == "cuda"), prefetch=prefetch,
+                    kind=kind, policy=policy)
+            traced = any(isinstance(m, TraceGate) for m in model.modules())
+            backend = StaticDecoder(model, graph=graph and not traced) if static else model
+            measure(label, backend, model, slots=slots, policy=policy if static else "lru (eager)", **extra)
 
     # the rows the targets are judged by first (a deadline cuts the rest): 25 % resident against naive
     quarter = max(1, round(0.25 * E))
@@ -200,8 +234,10 @@ def main():
     proc = Processor.from_pretrained(tok_dir)
     rows = []
     deadline = time.perf_counter() + args.deadline_s
-    for name in args.models.split(","):
-        rows += run_model(name, args, device, torch.bfloat16, proc, deadline)
+    names = args.models.split(",")
+    for i, name in enumerate(names):  # each model gets an equal share of the time left: Small and Base get rows
+        share = time.perf_counter() + (deadline - time.perf_counter()) / (len(names) - i)
+        rows += run_model(name, args, device, torch.bfloat16, proc, share)
     machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine, "rows": rows},

@@ -40,3 +40,20 @@ def test_gpu_check_dry_run(tmp_path):
     onnx = json.loads((tmp_path / "onnx_cuda.json").read_text())
     assert set(onnx["placement"]["kernels_per_provider"]) == {"CPUExecutionProvider"}
     assert onnx["onnx"]["decode_tok_s"] > 0 and onnx["torch"]["decode_tok_s"] > 0
+
+
+def test_the_bench_budget_skips_what_would_end_past_the_deadline():
+    import sys
+    import time
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu import Budget
+
+    budget = Budget(time.perf_counter() + 1.0)
+    assert budget.allows()  # nothing measured yet: the first piece runs
+    with budget.timed():
+        time.sleep(0.05)
+    assert budget.allows()  # 0.05 s done, 0.05 s more fits well before the deadline
+    with budget.timed():
+        time.sleep(0.6)
+    assert not budget.allows()  # another 0.6 s would end past it

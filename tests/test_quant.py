@@ -264,3 +264,17 @@ def test_quantized_directory_runs_from_the_cli_and_the_api(tmp_path, capsys):
     pipe = vl2edge.load(golden.model_dir("tiny"), device="cpu", dtype="float32", quant="int4-experts")
     assert pipe.chat(conv, images, max_new_tokens=5).token_ids == from_cli
     assert len(from_cli) == 5
+
+
+def test_mla_prefill_in_bfloat16_with_per_call_dequantized_linears():
+    """CUDA's default kernel for quantized linears dequantizes per call, to float32: MLA's expanded
+    prefill reads kv_b_proj's weight directly and must meet it in the model's dtype (it failed on the
+    H200 with 'expected BFloat16, got Float'). Forced here on the CPU."""
+    args = golden.model_args("landscape_1024x768")
+    q = load_model(golden.model_dir("small"), dtype="bfloat16", device="cpu", quant="int8", kernel="dequant").model
+    dense = load_model(golden.model_dir("small"), dtype="bfloat16", device="cpu", quant="int8", kernel="dense").model
+    kv_b = q.language.model.layers[0].self_attn.kv_b_proj
+    assert kv_b.kernel == "dequant" and kv_b.weight.dtype == torch.float32
+    got, ref = q.logits(*args)[0, -1].float(), dense.logits(*args)[0, -1].float()
+    assert got.dtype == torch.float32 and int(got.argmax()) == int(ref.argmax())
+    assert float((got - ref).norm() / ref.norm()) < 0.02  # the same weights, rounded to bfloat16 in a different place

@@ -48,6 +48,7 @@ from .processor import Processor, ProcessorOutput
 VARIANTS = ("mha", "mla-noaux")
 # Tiles the demo model sees: one 384 tile, or two side by side / stacked (the wide task needs two).
 RESOLUTIONS = [[384, 384], [768, 384], [384, 768]]
+POS_INIT = "sincos"  # the tower's position embedding starts as 2D sine-cosine codes ("random": the synthetic init's)
 # Which task a batch holds, by phase: reading first (the slowest to learn: the number loss sits on the
 # plateau of the unconditional answer for ~800 number batches before it falls), then every task.
 PHASES = [(0.45, {"number": 0.8, "wide": 0.2}),
@@ -63,6 +64,19 @@ def demo_config(variant: str, width: int = 128, hidden: int = 128, patch: int = 
     d["projector_config"] |= {"input_dim": width, "n_embed": hidden}
     d["language_config"] |= {"hidden_size": hidden, "intermediate_size": 3 * hidden}
     return VL2Config.from_dict(d)
+
+
+def sincos_positions(grid: int, width: int) -> torch.Tensor:
+    """[grid*grid, width] 2D sine-cosine codes (row-major patches): the first half of the channels
+    encode the row, the second the column, each as sin/cos pairs at geometric frequencies. Neighbours
+    get similar codes, so what is learned about one place carries over to the next."""
+    quarter = width // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)          # [W/4]
+    pos = torch.arange(grid, dtype=torch.float32)[:, None] * freq[None]                  # [g, W/4]
+    code = torch.cat([pos.sin(), pos.cos()], 1)                                          # [g, W/2]
+    rows = code[:, None, :].expand(grid, grid, -1)                                       # [g, g, W/2]
+    cols = code[None, :, :].expand(grid, grid, -1)
+    return torch.cat([rows, cols], -1).reshape(grid * grid, width)
 
 
 # -- batches -----------------------------------------------------------------------------------------
@@ -151,7 +165,10 @@ def train(variant: str, out: Path, steps: int, seed: int, batch: int, lr: float,
     config = demo_config(variant, width, hidden, patch)
     write_model(config, out, seed=seed)
     model = VL2Model(config)  # owns its memory: the loaded one maps the file that is rewritten at the end
-    model.load_state_dict(load_model(out, dtype="float32", device="cpu").model.state_dict())
+    state = load_model(out, dtype="float32", device="cpu").model.state_dict()
+    if POS_INIT == "sincos":
+        state["vision.pos_embed"] = sincos_positions(config.vision_config.grid, width)[None]
+    model.load_state_dict(state)
     frozen = ("e_score_correction_bias",)  # noaux_tc's balancing bias is not learned by gradient
     for n, p in model.named_parameters():
         p.requires_grad_(not n.endswith(frozen))

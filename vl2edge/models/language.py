@@ -144,10 +144,11 @@ class MLAttention(nn.Module):
         k_pe = apply_rope(deinterleave(k_pe)[:, None], cos, sin)[:, 0]
         latent = cache.write_latent(self.layer, torch.cat([self.kv_a_layernorm(ckv), k_pe], dim=-1))
         ckv_all, k_pe_all = latent[..., :C], latent[..., C:]          # [B, S, C], [B, S, R]
-        w = self.kv_b_proj.weight.view(H, N + V, C)
+        kv_b = self.kv_b_proj.weight.to(latent.dtype)  # a quantized kv_b_proj dequantizes to float32
+        w = kv_b.view(H, N + V, C)
         if expand:
             S = latent.shape[1]
-            kv = F.linear(ckv_all, self.kv_b_proj.weight).view(B, S, H, N + V).transpose(1, 2)
+            kv = F.linear(ckv_all, kv_b).view(B, S, H, N + V).transpose(1, 2)
             k_nope, v = kv.split([N, V], dim=-1)
             k = torch.cat([k_nope, k_pe_all[:, None].expand(B, H, S, R)], dim=-1)
             out = F.scaled_dot_product_attention(torch.cat([q_nope, q_pe], -1), k, v, attn_mask=mask,
