@@ -204,10 +204,17 @@ def test_a_training_step_lowers_the_loss(small_model, variant, tmp_path):
 def test_training_reads_first_then_does_every_task():
     from vl2edge.train_demo import PHASES, task_weights
 
-    first, last = task_weights(0, 1000), task_weights(999, 1000)
-    assert set(first) == {"number", "wide"} and set(last) == set(demo_tasks.TASKS)
-    switch = next(s for s in range(1000) if task_weights(s, 1000) == last)
-    assert switch == round(PHASES[0][0] * 1000)
+    mixes = [task_weights(s, 1000) for s in range(1000)]
+    assert set(mixes[0]) == {"number", "wide"} and set(mixes[-1]) == set(demo_tasks.TASKS)
+    assert mixes.index(mixes[-1]) == round(PHASES[0][0] * 1000)
+
+
+def test_one_figure_grounding_draws_one_figure():
+    for s in range(6):
+        one = example("ground-one", random.Random(s))
+        a = np.asarray(one.images[0]).astype(int)
+        figure = [c for c in COLORS if (np.abs(a - COLORS[c]).sum(-1) == 0).sum() > 100]
+        assert one.task == "ground" and len(figure) == 1 and score(one, one.answer)
 
 
 def test_demo_pictures_hold_what_they_say(tmp_path):

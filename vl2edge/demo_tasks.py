@@ -134,9 +134,9 @@ def grounding_prompt(ref: str) -> str:
     return f"<image>\n<|grounding|>Locate <|ref|>{ref}<|/ref|> in the image."
 
 
-def _ground(rng: random.Random) -> Example:
+def _ground(rng: random.Random, figures: tuple[int, int] = GROUND_FIGURES) -> Example:
     W, H = rng.randint(192, 384), rng.randint(192, 384)
-    img, placed = shapes_image(rng, W, H, rng.randint(*GROUND_FIGURES))
+    img, placed = shapes_image(rng, W, H, rng.randint(*figures))
     ref, box = placed[rng.randrange(len(placed))]
     norm = [round(v * 999 / s) for v, s in zip(box, (W, H, W, H))]
     return Example("ground", (img,), grounding_prompt(ref),
@@ -164,11 +164,12 @@ def _count(rng: random.Random) -> Example:
                    f"Image 1: <image>\nImage 2: <image>\n{COUNT_PROMPT}", f"The {which} image.")
 
 
-_MAKERS = {"number": _number, "wide": _wide, "ground": _ground, "count": _count}
+_MAKERS = {"number": _number, "wide": _wide, "ground": _ground, "count": _count,
+           "ground-one": lambda rng: _ground(rng, (1, 1))}  # training only: grounding's easy form, one figure
 
 
 def example(task: str, rng: random.Random) -> Example:
-    """One example of `task`."""
+    """One example of `task` (TASKS, or the training-only "ground-one": one figure a picture)."""
     return _MAKERS[task](rng)
 
 
