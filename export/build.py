@@ -26,9 +26,10 @@ import torch
 from vl2edge.artifact import FORMAT, MANIFEST, sha256
 from vl2edge.config import VL2Config
 from vl2edge.errors import InputError
+from vl2edge.fits import check
 from vl2edge.generate import prefill
-from vl2edge.hub import resolve
-from vl2edge.models.loading import load_model
+from vl2edge.hub import config_dir, resolve
+from vl2edge.models.loading import load_part, open_checked
 from vl2edge.models.model import VL2Model
 from vl2edge.outputs import OutputDir
 from vl2edge.processor import Processor
@@ -36,9 +37,13 @@ from vl2edge.quant.recipes import EXPORT_RECIPES, Recipe, export_block_size, rea
 from vl2edge.synthetic import sample_image
 from vl2edge.weights import SIDE_FILES
 
-from .graphs import MS_OPSET, OPSET, export_decoder, export_vision
-from .ops import ExportLinear, ExportMoE, Kernels, prepare, qmoe_ok
+from .decoder import Sample, errors, export_decoder_streaming
+from .graphs import MS_OPSET, OPSET, export_vision
+from .ops import Kernels, u8s8_exact
 from .vision_int8 import calibration_images, calibration_tiles, export_vision_int8, feature_gate
+
+SAMPLE_TOKENS = (5, 9)   # the verification's two decode steps after the sample prompt
+END_TO_END_MAX = 2**30   # decoder weights (bytes) up to which the export also runs the whole graph on the sample
 
 
 def _sample_inputs(proc: Processor):
@@ -48,35 +53,47 @@ def _sample_inputs(proc: Processor):
                 [sample_image(400, 300)])
 
 
-def _reference(model: VL2Model, inputs) -> dict:
-    """Torch outputs on the sample: vision features, and logits of a chunked prefill and two decode steps."""
-    with torch.inference_mode():
-        feats = model.encode_tiles(torch.from_numpy(inputs.images[0])).float().numpy()
-    embeds = model.embed(inputs.input_ids, inputs.images, inputs.images_seq_mask, inputs.images_spatial_crop)
-    T = embeds.shape[1]
-    cache = model.new_cache(1, T + 2)
-    steps = [prefill(model, embeds, inputs.attention_mask, cache, chunk_size=T - 7)]
-    steps += [model.decode(np.array([t]), cache) for t in (5, 9)]
-    return {"features": feats, "embeds": embeds.float().numpy(), "steps": steps, "chunk": T - 7}
+def _front(ck, config: VL2Config, specs: dict) -> VL2Model:
+    """The model's front alone (vision tower, projector, the tables the runtime gathers), its language layers
+    left on the meta device: what the vision export and the sample's embeddings need."""
+    with torch.device("meta"):
+        front = VL2Model(config)
+    for prefix, part in (("vision.", front.vision), ("projector.", front.projector),
+                         ("language.model.embed_tokens.", front.language.model.embed_tokens)):
+        load_part(ck, part, prefix, specs)
+    front.load_state_dict({n: ck.torch(n, dtype=torch.float32) for n in ("image_newline", "view_seperator")},
+                          strict=False, assign=True)
+    return front
 
 
-def _verify(dst: Path, graphs: dict, ref: dict, inputs, threads: int = 0) -> dict:
-    """Run the exported graphs with onnxruntime on the sample and compare with the torch reference."""
+def _verify_vision(dst: Path, graphs: dict, features: np.ndarray, tiles: np.ndarray, threads: int) -> dict:
+    """Each vision graph's features on the sample's tiles against the torch tower's, and the int8 gate."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    out: dict = {}
+    feats = {name: ort.InferenceSession(str(dst / g["file"]), opts, providers=["CPUExecutionProvider"])
+             .run(None, {"pixel_values": tiles})[0] for name, g in graphs.items() if name.startswith("vision")}
+    for name, got in feats.items():
+        out[name] = errors(got, features)
+    if "vision_int8" in feats:  # the gate: against the float graph (the torch features where it was not kept)
+        out["vision_int8_gate"] = feature_gate(feats["vision_int8"], feats.get("vision", features))
+    return out
+
+
+def _verify_decoder(dst: Path, sample: Sample, attention_mask: np.ndarray, chunk: int, logits: list[np.ndarray],
+                    threads: int) -> dict:
+    """The whole decoder graph on onnxruntime, driven as the runtime drives it (chunked prefill, two decode
+    steps), against the torch logits of the same three steps."""
     from vl2edge.onnx_backend import OnnxModel
 
     model = OnnxModel(dst, threads=threads, cache_sessions=False)  # no optimized-graph cache for a temporary
-    out: dict = {}
-    feats = {name: model.vision_session(name).run(None, {"pixel_values": inputs.images[0]})[0]
-             for name in graphs if name.startswith("vision")}
-    for name, got in feats.items():
-        out[name] = _errors(got, ref["features"])
-    if "vision_int8" in feats:  # the gate: against the float graph (the torch features where it was not kept)
-        out["vision_int8_gate"] = feature_gate(feats["vision_int8"], feats.get("vision", ref["features"]))
-    cache = model.new_cache(1, ref["embeds"].shape[1] + 2)
-    got = [prefill(model, ref["embeds"], inputs.attention_mask, cache, chunk_size=ref["chunk"])]
-    got += [model.decode(np.array([t]), cache) for t in (5, 9)]
-    out["decoder"] = _errors(np.concatenate(got), np.concatenate(ref["steps"]))
-    return out
+    embeds = np.concatenate(sample.segments[:2], 1)
+    cache = model.new_cache(1, embeds.shape[1] + 2)
+    got = [prefill(model, embeds, attention_mask, cache, chunk_size=chunk)]
+    got += [model.decode(np.array([t]), cache) for t in SAMPLE_TOKENS]
+    return errors(np.concatenate(got), np.concatenate(logits))
 
 
 def _choose_vision(manifest: dict) -> None:
@@ -98,22 +115,18 @@ def _choose_vision(manifest: dict) -> None:
         manifest["default_vision_reason"] = f"int8 failed the gate: {err} > {gate['limit']}; float kept"
 
 
-def _errors(got: np.ndarray, ref: np.ndarray) -> dict:
-    diff = float(np.abs(got - ref).max())
-    return {"max_abs": diff, "max_abs_rel": diff / float(np.abs(ref).max()),
-            "rel_l2": float(np.linalg.norm(got - ref) / np.linalg.norm(ref))}
-
-
 def export(src, dst, recipe: str = "int4-experts", block_size: int | None = None, vision: str = "both",
            accuracy_level: int = 4, routing_outputs: bool = False, progress: bool = True,
-           overwrite: bool = False, calibration=None, int8_matmul: bool = True) -> Path:
+           overwrite: bool = False, calibration=None, int8_matmul: bool = True, force: bool = False) -> Path:
     """Quantize (per `recipe`), export and verify into the new directory `dst` (written under a temporary
     name and renamed into place when complete; refused if it holds files, unless `overwrite`).
     vision: "float", "int8" or "both" (quantized recipes). calibration: a folder of pictures like the ones
     the model will see, added to the int8 vision graph's calibration set (synthetic pictures by default).
     block_size: None = export_block_size (64 where the widths allow, else 32).
     int8_matmul: the decoder's 8-bit linears as int8 rows through MatMulInteger (export/ops.py; False:
-    MatMulNBits, slower on long prefills)."""
+    MatMulNBits, slower on long prefills; also where this CPU's u8s8 kernel is not exact: `u8s8_exact`).
+    Unless `force`, the export's memory and disk are checked against this machine's from config.json alone
+    before anything is downloaded (vl2edge/fits.py)."""
     if recipe not in EXPORT_RECIPES:
         raise InputError(f"unknown recipe {recipe!r}; known: {', '.join(EXPORT_RECIPES)}")
     if vision not in ("float", "int8", "both"):
@@ -121,18 +134,21 @@ def export(src, dst, recipe: str = "int4-experts", block_size: int | None = None
     if calibration is not None and not Path(calibration).is_dir():
         raise InputError(f"calibration images: {calibration} is not a folder")
     pictures = calibration_images(calibration)
-    src, dst = resolve(src), Path(dst)
+    dst = Path(dst)
+    if not force and recipe != "float32":
+        check(VL2Config.from_pretrained(config_dir(src)), str(src), dst.absolute().parent, run=False, recipe=recipe)
+    src = resolve(src)
     if read_manifest(src) is not None:
         raise InputError(f"{src} is already quantized; export from the float checkpoint")
     with OutputDir(dst, overwrite, sources=(src,)) as out:
-        _build(src, out, recipe, block_size, vision, Kernels(accuracy_level, int8_matmul), routing_outputs,
-               progress, pictures)
+        kernels = Kernels(accuracy_level, int8_matmul and u8s8_exact())
+        _build(src, out, recipe, block_size, vision, kernels, routing_outputs, progress, pictures)
     return dst
 
 
 def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: str, kernels: Kernels,
            routing_outputs: bool, progress: bool, pictures: list) -> None:
-    """Everything `export` writes, into `out`."""
+    """Everything `export` writes, into `out`, one part of the model in memory at a time."""
     steps = ["load", "vision", "vision_int8", "decoder", "verify", "write"]
     if recipe == "float32" or vision == "float":
         steps.remove("vision_int8")
@@ -151,73 +167,87 @@ def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: st
             bar.update(1)
 
     t0 = time.perf_counter()
-    step("load + quantize")
+    threads = 0
+    step("load")
+    config = VL2Config.from_pretrained(src)
+    lc = config.language_config
     if block_size is None:
-        lc = VL2Config.from_pretrained(src).language_config
         block_size = export_block_size(lc.hidden_size, lc.expert_width)
     quant = None if recipe == "float32" else Recipe(recipe, block_size=block_size)
-    model = load_model(src, dtype="float32", device="cpu", quant=quant, kernel="dequant").model
-    config: VL2Config = model.config
+    ck = open_checked(src, config)
+    specs = quant.specs(config.tensor_shapes()) if quant is not None else {}
+    front = _front(ck, config, specs)
     proc = Processor.from_pretrained(src)
     inputs = _sample_inputs(proc)
-    ref = _reference(model, inputs)
+    tiles = inputs.images[0]
+    with torch.inference_mode():
+        features = front.encode_tiles(torch.from_numpy(tiles)).float().numpy()
+        embeds = front.embed(inputs.input_ids, inputs.images, inputs.images_seq_mask,
+                             inputs.images_spatial_crop).float().numpy()
+        decode_embeds = [front.language.embed(torch.tensor([[t]])).float().numpy() for t in SAMPLE_TOKENS]
+    chunk = embeds.shape[1] - 7
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "embed_tokens.npy", model.language.model.embed_tokens.weight.detach().float().numpy())
-    np.save(out / "image_newline.npy", model.image_newline.detach().float().numpy())
-    np.save(out / "view_seperator.npy", model.view_seperator.detach().float().numpy())
-    specs = {}
-    if quant is not None:
-        specs = {n: s.to_dict() for n, s in quant.specs(config.tensor_shapes()).items()}
+    _save_npy(out / "embed_tokens.npy", front.language.model.embed_tokens.weight)
+    np.save(out / "image_newline.npy", front.image_newline.detach().float().numpy())
+    np.save(out / "view_seperator.npy", front.view_seperator.detach().float().numpy())
     done()
-    prepare(model, kernels, plain=quant is None)
     graphs = {}
     step("vision tower (float32)")
-    graphs["vision"] = export_vision(model, out / "vision.onnx")
+    graphs["vision"] = export_vision(front, out / "vision.onnx")
     done()
+    manifest_specs = {n: s.to_dict() for n, s in specs.items()}
     if vision in ("int8", "both") and quant is not None:
         step("vision tower (int8: smoothing, calibration)")
-        tiles = calibration_tiles(proc, pictures)
-        graphs["vision_int8"] = export_vision_int8(model, out / "vision_int8.onnx", tiles)
-        specs |= {n: {"bits": 8, "graph": "vision_int8", "scheme": graphs["vision_int8"]["scheme"]}
-                  for n in graphs["vision_int8"].pop("int8_weights")}
+        graphs["vision_int8"] = export_vision_int8(front, out / "vision_int8.onnx", calibration_tiles(proc, pictures))
+        manifest_specs |= {n: {"bits": 8, "graph": "vision_int8", "scheme": graphs["vision_int8"]["scheme"]}
+                           for n in graphs["vision_int8"].pop("int8_weights")}
         if vision == "int8":
             for f in (out / "vision.onnx", out / "vision.onnx.data"):
                 f.unlink(missing_ok=True)
             del graphs["vision"]
         done()
+    del front  # the vision tower and the embedding table: the decoder's layers come next, one at a time
+    gc.collect()
     step("decoder")
-    graphs["decoder"] = export_decoder(model, out / "decoder.onnx", routing=routing_outputs)
-    if any(isinstance(m, ExportLinear) and m.int8 for m in model.modules()):
+    sample = Sample.of(embeds, chunk, decode_embeds)
+    dec = export_decoder_streaming(ck, lc, specs, kernels, quant is None, out / "decoder.onnx", sample,
+                                   routing=routing_outputs, threads=threads, progress=step)
+    graphs["decoder"] = dec.graph
+    if dec.linears_8bit:
         graphs["decoder"]["linears_8bit"] = ("int8 weights per output row (re-laid from the 8-bit blocks), "
                                              "activations quantized per token at run time, MatMulInteger u8s8")
     done()
     for name in SIDE_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
-    moes = [m for m in model.modules() if isinstance(m, ExportMoE)]
-    uses_qmoe = any(qmoe_ok(m.experts) for m in moes)
-    has_moe = bool(moes)
-    del model, moes  # the torch model is not needed any more: onnxruntime's sessions take its memory next
-    gc.collect()
     manifest = {
         "format": FORMAT, "source": str(src),
         "recipe": recipe if quant is None else quant.to_dict() | {"label": recipe},
         "accuracy_level": kernels.accuracy_level, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "dims": {"hidden_size": config.language_config.hidden_size, "vocab_size": config.language_config.vocab_size,
-                 "num_hidden_layers": config.language_config.num_hidden_layers,
-                 "attention": "mla" if config.language_config.use_mla else "mha",
+        "dims": {"hidden_size": lc.hidden_size, "vocab_size": lc.vocab_size,
+                 "num_hidden_layers": lc.num_hidden_layers, "attention": "mla" if lc.use_mla else "mha",
                  "image_size": config.vision_config.image_size, "tokens_per_side": config.tokens_per_side},
         "graphs": graphs, "default_vision": "vision" if "vision" in graphs else "vision_int8",
         "tensors": {"embed_tokens": "embed_tokens.npy", "image_newline": "image_newline.npy",
                     "view_seperator": "view_seperator.npy"},
-        "quantization": specs, "moe": "QMoE" if uses_qmoe else ("masked-loop" if has_moe else "none"),
+        "quantization": manifest_specs, "moe": "QMoE" if dec.qmoe else ("masked-loop" if dec.moe else "none"),
         "opset": {"ai.onnx": OPSET, "com.microsoft": MS_OPSET}, "ir_version": 8,
-        "min_onnxruntime": "1.25.0" if uses_qmoe else ("1.22.0" if specs else "1.17.0"),
+        "min_onnxruntime": "1.25.0" if dec.qmoe else ("1.22.0" if specs else "1.17.0"),
         "recommended_onnxruntime": "1.31.0",
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     step("verify with onnxruntime")
-    manifest["verification"] = _verify(out, graphs, ref, inputs)
+    verification = _verify_vision(out, graphs, features, tiles, threads)
+    layers = {"rel_l2": max(r["rel_l2"] for r in dec.layers), "head": dec.tail, "layers": dec.layers}
+    if dec.data_bytes <= END_TO_END_MAX:
+        verification["decoder"] = _verify_decoder(out, sample, inputs.attention_mask, chunk, dec.logits[1:], threads)
+    else:
+        worst = max([*dec.layers, dec.tail], key=lambda r: r["rel_l2"])
+        verification["decoder"] = {k: worst[k] for k in ("max_abs", "max_abs_rel", "rel_l2")} | {
+            "scope": f"layer by layer (the worst piece); the whole graph ({dec.data_bytes / 2**30:.1f} GiB) was not "
+                     f"run end to end (above {END_TO_END_MAX / 2**30:.0f} GiB: it would cost the export its memory)"}
+    verification["decoder_layers"] = layers
+    manifest["verification"] = verification
     _choose_vision(manifest)
     done()
     step("checksums")
@@ -229,3 +259,12 @@ def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: st
     done()
     if bar:
         bar.close()
+
+
+def _save_npy(path: Path, table: torch.Tensor, rows: int = 1 << 14) -> None:
+    """A float32 .npy of `table` [N, D], written in row chunks (no second full-size copy)."""
+    N, D = table.shape
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (N, D)})
+        for r in range(0, N, rows):
+            f.write(table[r:r + rows].detach().float().numpy().tobytes())

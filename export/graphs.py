@@ -1,11 +1,11 @@
-"""The two exported graphs and their ONNX export: the vision tower + projector, and the decoder step
-(the int8 vision graph's quantization is export/vision_int8.py).
+"""Tracing torch modules to ONNX: the vision tower + projector graph, and what the decoder's pieces share
+(the decoder is traced a layer at a time in export/decoder.py; the int8 vision graph's quantization is
+export/vision_int8.py).
 
-The decoder graph is the torch language model itself, run with `GraphCache` (an implementation of
-`vl2edge.models.cache.Cache`) in place of the runtime's preallocated cache: past keys/values (MHA, BNSH)
-or past latents (MLA, [B, P, C+R]) come in as inputs and the concatenated presents go out, so one graph
-serves prefill (P = 0) and decode (T = 1) with dynamic batch, sequence and past lengths. Logits are
-computed for the last position only.
+The decoder's layers run with `GraphCache` (an implementation of `vl2edge.models.cache.Cache`) in place of
+the runtime's preallocated cache: past keys/values (MHA, BNSH) or past latents (MLA, [B, P, C+R]) come in
+as inputs and the concatenated presents go out, so one graph serves prefill (P = 0) and decode (T = 1)
+with dynamic batch, sequence and past lengths. Logits are computed for the last position only.
 
     decoder: inputs_embeds f32 [B,T,D], attention_mask i64 [B,P+T], past_key_values.{i}.key/.value
              (or .latent) -> logits f32 [B,V], present.{i}.key/.value (or .latent)
@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vl2edge.config import LanguageConfig
 from vl2edge.models.model import VL2Model
-
-from .ops import ExportMHA, ExportMoE
 
 OPSET = 17          # ai.onnx; TorchScript export writes IR 8, which every onnxruntime >= 1.14 loads
 MS_OPSET = 1        # com.microsoft
@@ -33,15 +32,16 @@ EXTERNAL_MIN = 64 * 2**20
 
 
 class GraphCache:
-    """The decoder graph's view of the KV cache: explicit past inputs, present outputs."""
+    """The decoder graph's view of the KV cache: explicit past inputs, present outputs. A graph of layers
+    `first_layer`.. (one layer while tracing the streaming export) holds their pasts, in cache_io's order."""
 
-    def __init__(self, pasts):
-        self.pasts, self.presents = list(pasts), []
+    def __init__(self, pasts, first_layer: int = 0):
+        self.pasts, self.presents, self.first = list(pasts), [], first_layer
 
     def begin(self, attention_mask: torch.Tensor, T: int):
         """attention_mask covers past + new positions [B, P+T]."""
-        self.seqlens_k = (attention_mask.sum(-1) - 1).to(torch.int32)   # GroupQueryAttention's inputs
-        self.total = torch.tensor(attention_mask.shape[1], dtype=torch.int32)
+        self.resume((attention_mask.sum(-1) - 1).to(torch.int32),   # GroupQueryAttention's inputs
+                    torch.tensor(attention_mask.shape[1], dtype=torch.int32))
         am = attention_mask.bool()
         S = am.shape[1]
         pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, S - T:]
@@ -50,65 +50,53 @@ class GraphCache:
         allowed = ((s[None, :] <= q[:, None]) & am[:, None, :]) | (s[None, :] == q[:, None])
         return pos, allowed[:, None]
 
+    def resume(self, seqlens_k: torch.Tensor, total: torch.Tensor) -> None:
+        """Take GroupQueryAttention's inputs from an earlier `begin` (a layer graph's inputs)."""
+        self.seqlens_k, self.total = seqlens_k, total
+
     def commit(self, T: int) -> None:
         pass
 
+    def past_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j = 2 * (layer - self.first)
+        return self.pasts[j], self.pasts[j + 1]
+
+    def add_presents(self, *presents: torch.Tensor) -> None:
+        self.presents += presents
+
     def write_kv(self, layer: int, k, v):
-        k = torch.cat([self.pasts[2 * layer], k], dim=2)
-        v = torch.cat([self.pasts[2 * layer + 1], v], dim=2)
-        self.presents += [k, v]
+        past_k, past_v = self.past_kv(layer)
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        self.add_presents(k, v)
         return k, v
 
     def write_latent(self, layer: int, latent):
-        latent = torch.cat([self.pasts[layer], latent], dim=1)
-        self.presents.append(latent)
+        latent = torch.cat([self.pasts[layer - self.first], latent], dim=1)
+        self.add_presents(latent)
         return latent
 
 
-def cache_io(model: VL2Model) -> tuple[list[str], list[str], dict]:
-    """Past input names, present output names, and the past tensors' layout for the manifest."""
-    c = model.config.language_config
+def cache_io(c: LanguageConfig, layers: range | None = None) -> tuple[list[str], list[str], dict]:
+    """Past input names, present output names (of `layers`, default all), and the past tensors' layout for
+    the manifest."""
     kinds: tuple[str, ...]
     if c.use_mla:
         assert c.kv_lora_rank is not None  # LanguageConfig requires it with MLA
         kinds, axis, shape = ("latent",), 1, ["batch", "past", c.kv_lora_rank + c.qk_rope_head_dim]
     else:
         kinds, axis, shape = ("key", "value"), 2, ["batch", c.num_key_value_heads, "past", c.head_dim]
-    past = [f"past_key_values.{i}.{k}" for i in range(c.num_hidden_layers) for k in kinds]
-    present = [f"present.{i}.{k}" for i in range(c.num_hidden_layers) for k in kinds]
+    layers = range(c.num_hidden_layers) if layers is None else layers
+    past = [f"past_key_values.{i}.{k}" for i in layers for k in kinds]
+    present = [f"present.{i}.{k}" for i in layers for k in kinds]
     return past, present, {"kinds": list(kinds), "sequence_axis": axis, "shape": shape}
 
 
-def zero_pasts(model: VL2Model, batch: int, past: int) -> list[torch.Tensor]:
+def zero_pasts(c: LanguageConfig, batch: int, past: int, layers: range | None = None) -> list[torch.Tensor]:
     """Float32 zero past tensors in `cache_io`'s layout: `past` positions for `batch` rows each."""
-    names, _, layout = cache_io(model)
+    names, _, layout = cache_io(c, layers)
     shape = [batch, *layout["shape"][1:]]
     shape[layout["sequence_axis"]] = past
     return [torch.zeros(shape, dtype=torch.float32) for _ in names]
-
-
-class DecoderGraph(nn.Module):
-    """With `routing=True`, also outputs each MoE layer's top-k expert choice [B*T, A] (for tests)."""
-
-    def __init__(self, model: VL2Model, routing: bool = False):
-        super().__init__()
-        self.language = model.language
-        self.moes = [m for m in model.modules() if isinstance(m, ExportMoE)] if routing else []
-
-    def forward(self, inputs_embeds, attention_mask, *pasts):
-        cache = GraphCache(pasts)
-        records: list[torch.Tensor] = []
-
-        def record(mod: ExportMoE, args: tuple, out) -> None:
-            records.append(mod.routing(args[0]))
-
-        hooks = [m.register_forward_hook(record) for m in self.moes]
-        try:
-            logits = self.language(inputs_embeds, cache, attention_mask, last_only=True)
-        finally:
-            for h in hooks:
-                h.remove()
-        return (logits, *cache.presents, *records)
 
 
 class VisionGraph(nn.Module):
@@ -138,30 +126,6 @@ def _export(module: nn.Module, args: tuple, out: Path, input_names, output_names
     onnx.save_model(proto, str(out), save_as_external_data=big, all_tensors_to_one_file=True,
                     location=out.name + ".data", size_threshold=1024)
     return out
-
-
-def export_decoder(model: VL2Model, out: Path, routing: bool = False) -> dict:
-    c = model.config.language_config
-    past_names, present_names, layout = cache_io(model)
-    B, T, P = 2, 3, 2  # sizes > 1 so the tracer keeps every axis symbolic
-    pasts = zero_pasts(model, B, P)
-    embeds = torch.randn(B, T, c.hidden_size)
-    mask = torch.ones(B, P + T, dtype=torch.int64)
-    axis = layout["sequence_axis"]
-    dyn = {"inputs_embeds": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"},
-           "logits": {0: "batch"}} | {n: {0: "batch", axis: "past"} for n in past_names} \
-        | {n: {0: "batch", axis: "total"} for n in present_names}
-    graph = DecoderGraph(model, routing)
-    routing_names = [f"routing.{i}" for i, layer in enumerate(model.language.model.layers)
-                     if isinstance(layer.mlp, ExportMoE)] if routing else []
-    dyn |= {n: {0: "tokens"} for n in routing_names}
-    _export(graph, (embeds, mask, *pasts), out, ["inputs_embeds", "attention_mask", *past_names],
-            ["logits", *present_names, *routing_names], dyn)
-    # GroupQueryAttention can update a preallocated cache in place (past and present bound to one buffer)
-    layout["shared_buffer"] = any(isinstance(m, ExportMHA) for m in model.modules())
-    return {"file": out.name, "inputs": ["inputs_embeds", "attention_mask", *past_names],
-            "outputs": ["logits", *present_names, *routing_names], "past": past_names, "present": present_names,
-            "cache": layout}
 
 
 def one_data_file(out: Path) -> None:

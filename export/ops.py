@@ -1,6 +1,6 @@
 """How the torch model's modules become ONNX Runtime ops (the translation table of the export).
 
-`prepare(model, ...)` swaps (through `vl2edge.models.swap.swap_modules`), in place and for export
+`prepare(module, ...)` swaps (through `vl2edge.models.swap.swap_modules`), in place and for export
 only, each module for a twin with the same weights whose forward traces to the op ORT runs fastest:
 
     QLinear, 8-bit     -> int8 per-output-channel weights, activations quantized per token at run time,
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.onnx import symbolic_helper
 
+from vl2edge.config import LanguageConfig
 from vl2edge.models.experts import DenseExperts
 from vl2edge.models.language import MLP, MHAttention, MLAttention, MoE, RMSNorm, apply_rope, rope_cos_sin
-from vl2edge.models.model import VL2Model
 from vl2edge.models.swap import swap_modules
 from vl2edge.quant.format import QuantSpec, dequantize
 from vl2edge.quant.modules import QLinear, QuantExperts
@@ -50,6 +50,26 @@ class Kernels:
 
     accuracy_level: int = 4
     int8_matmul: bool = True
+
+
+def u8s8_exact() -> bool:
+    """Whether onnxruntime's MatMulInteger u8s8 is exact on this CPU. x86 without VNNI (AVX2 or AVX-512
+    alone) multiplies with VPMADDUBSW, whose int16 pair sums saturate past 32767: u8 activations (0..255)
+    times int8 weights up to 127 reach 64770. Measured on an AVX2-only AMD EPYC (2026-12-06): a random
+    512x256 MatMulInteger off by 22 % of its largest output, the fixtures' int4-experts decoder 13 % off
+    torch (rel-L2) against 1.2 % with its 8-bit linears on MatMulNBits; 7-bit weights (onnxruntime's
+    `reduce_range`) were exact but 2.7 % off. VNNI (AVX512-VNNI, AVX-VNNI, AMX) and other architectures: exact."""
+    import platform
+    from pathlib import Path
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return True
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
+                     "").split()
+    except OSError:
+        return False
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
 def _none(g):
@@ -267,10 +287,10 @@ class ExportMHA(nn.Module):
         self.cos, self.sin = cos, sin
 
     def forward(self, x, positions, mask, cache):
-        past_k, past_v = cache.pasts[2 * self.layer], cache.pasts[2 * self.layer + 1]
+        past_k, past_v = cache.past_kv(self.layer)
         out, k, v = GQAFn.apply(self.qkv(x), past_k, past_v, cache.seqlens_k, cache.total, self.cos, self.sin,
                                 self.H, self.KV, self.hd, self.theta)
-        cache.presents += [k, v]
+        cache.add_presents(k, v)
         return self.o_proj(out)
 
 
@@ -353,18 +373,19 @@ class ExportMoE(nn.Module):
         return y + self.shared_experts(x) if self.shared_experts is not None else y
 
 
-def _rope_tables(model: VL2Model):
+def _rope_tables(c: LanguageConfig):
     """cos/sin [max_position, head_dim/2] for GroupQueryAttention (fp32 frequencies, as the runtime)."""
-    c = model.config.language_config
     pos = torch.arange(c.max_position_embeddings)[None]
     cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, torch.float32)
     return cos[0, 0, :, : c.head_dim // 2].contiguous(), sin[0, 0, :, : c.head_dim // 2].contiguous()
 
 
-def prepare(model: VL2Model, kernels: Kernels = Kernels(), plain: bool = False) -> VL2Model:
-    """Swap every module for its export twin (in place); returns the model. plain: standard ONNX ops only
-    (no GroupQueryAttention / SimplifiedLayerNormalization), for the float32 verification export."""
-    tables = None if plain or model.config.language_config.use_mla else _rope_tables(model)
+def prepare(module: nn.Module, language: LanguageConfig, kernels: Kernels = Kernels(),
+            plain: bool = False) -> nn.Module:
+    """Swap every module below `module` (a model, or one part of it: a decoder layer, the final norm and
+    head) for its export twin, in place; returns `module`. plain: standard ONNX ops only (no
+    GroupQueryAttention / SimplifiedLayerNormalization), for the float32 verification export."""
+    tables = None if plain or language.use_mla else _rope_tables(language)
 
     def twin(name: str, mod: nn.Module) -> nn.Module | None:
         if isinstance(mod, MHAttention) and tables is not None:
@@ -382,5 +403,5 @@ def prepare(model: VL2Model, kernels: Kernels = Kernels(), plain: bool = False) 
             return ExportMoE(mod, kernels)
         return None
 
-    swap_modules(model, twin)
-    return model
+    swap_modules(module, twin)
+    return module

@@ -45,7 +45,7 @@ from vl2edge.processor import Processor
 from vl2edge.synthetic import sample_image
 
 from .graphs import export_vision, one_data_file, quiet_quantizer
-from .ops import MS
+from .ops import MS, u8s8_exact
 
 CALIBRATION_SIZES = ((640, 480), (384, 384), (1024, 768), (300, 800), (900, 400), (1280, 720))
 MAX_TILES = 64            # calibration tiles at most (spread evenly over the pictures' tiles)
@@ -281,6 +281,7 @@ def quantize_static_vision(src: Path, out: Path, tiles: np.ndarray, method: str 
                         calibrate_method=getattr(CalibrationMethod, method), nodes_to_quantize=nodes,
                         op_types_to_quantize=["MatMul"],
                         use_external_data_format=src.with_name(src.name + ".data").is_file(),
+                        reduce_range=not u8s8_exact(),  # 7-bit weights where u8s8 would saturate (export/ops.py)
                         extra_options={"CalibStridedMinMax": 1,  # collect and reduce one tile at a time
                                        "OpTypesToExcludeOutputQuantization": ["MatMul"]})
     one_data_file(out)

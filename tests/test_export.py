@@ -13,6 +13,7 @@ from tests import golden
 from vl2edge.artifact import verify_files
 from vl2edge.errors import CheckpointError, InputError
 from vl2edge.export.build import export
+from vl2edge.export.ops import u8s8_exact
 from vl2edge.generate import generate, prefill
 from vl2edge.models.loading import load_model
 from vl2edge.onnx_backend import OnnxModel
@@ -107,15 +108,19 @@ def test_manifest_describes_the_artifact(exports):
     assert m["format"] == "vl2edge.onnx.v1" and m["moe"] == "QMoE" and m["min_onnxruntime"] == "1.25.0"
     assert set(m["graphs"]) == {"vision", "vision_int8", "decoder"}
     gate = m["graphs"]["vision_int8"]["gate"]
-    assert gate["passed"] and gate["features_rel_l2"] <= 0.01 and m["default_vision"] == "vision_int8"
-    assert "passed the gate" in m["default_vision_reason"]
+    if u8s8_exact():
+        assert gate["passed"] and gate["features_rel_l2"] <= 0.01 and m["default_vision"] == "vision_int8"
+        assert "passed the gate" in m["default_vision_reason"]
+    else:  # x86 without VNNI: u8s8 saturates (export/ops.py u8s8_exact), the gate keeps the float graph
+        assert not gate["passed"] and gate["features_rel_l2"] > 0.01 and m["default_vision"] == "vision"
+        assert "failed the gate" in m["default_vision_reason"]
     assert m["graphs"]["decoder"]["past"][:2] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert m["quantization"]["language.model.layers.1.mlp.experts.0.up_proj.weight"]["bits"] == 4
     int8 = [n for n, q in m["quantization"].items() if q.get("graph") == "vision_int8"]
     assert len(int8) == m["graphs"]["vision_int8"]["calibration"]["int8_nodes"] >= 1
     assert all(n.startswith("vision.blocks.") and n.endswith(".weight") for n in int8)
     assert m["verification"]["decoder"]["rel_l2"] < 3e-2 and m["verification"]["vision"]["rel_l2"] < 1e-5
-    assert m["verification"]["vision_int8"]["rel_l2"] < 1e-2
+    assert m["verification"]["vision_int8"]["rel_l2"] < (1e-2 if u8s8_exact() else 0.05)
     assert set(m["files"]) >= {"decoder.onnx", "vision.onnx", "embed_tokens.npy", "tokenizer.json"}
     assert OnnxModel(d).verify_files() == []
     base = json.loads((exports["base", "int4-experts"] / "manifest.json").read_text())
@@ -137,9 +142,13 @@ def test_int8_vision_graph_passes_the_gate(exports, variant):
     so they measure the vision graph: the int4 decoder's run-time int8 activations turn any change of its
     input (0.5 % here) into different tokens on the Base-like fixture, whose routing has near-ties."""
     d = exports[variant, "int4-experts"]
+    manifest = json.loads((d / "manifest.json").read_text())
+    entry = manifest["graphs"]["vision_int8"]
+    if not u8s8_exact():  # x86 without VNNI: u8s8 saturates, so the gate must keep the float graph
+        assert not entry["gate"]["passed"] and manifest["default_vision"] == "vision"
+        return
     floats, int8 = OnnxModel(d, vision="vision"), OnnxModel(d, vision="vision_int8")
     decoder = OnnxModel(exports[variant, "float32"])
-    entry = json.loads((d / "manifest.json").read_text())["graphs"]["vision_int8"]
     assert entry["calibration"]["int8_nodes"] >= 1 and entry["gate"]["features_rel_l2"] <= 0.01
     # every tower GEMM in int8 (the search's first step): 1.2-1.5 % on these 2-layer models, whose residual
     # stream does not dilute the quantization noise (full-width tower: 0.27 %); the search then keeps GEMMs float
@@ -224,11 +233,13 @@ def test_the_vision_graph_can_be_chosen(exports):
     d = exports["tiny", "int4-experts"]
     tiles = golden.processor_outputs("square_384")["images"][0][:1]
     feats = {}
-    for choice, graph in (("float", "vision"), ("int8", "vision_int8"), (None, "vision_int8")):
+    default = "vision_int8" if u8s8_exact() else "vision"  # the gate's choice (test_manifest_describes_the_artifact)
+    for choice, graph in (("float", "vision"), ("int8", "vision_int8"), (None, default)):
         backend = vl2edge.load(d, vision=choice).backend
         assert backend.vision_name == graph
         feats[choice] = backend.encode_tiles(tiles)
-    assert not np.array_equal(feats["float"], feats["int8"]) and np.array_equal(feats["int8"], feats[None])
+    assert not np.array_equal(feats["float"], feats["int8"])
+    assert np.array_equal(feats["int8" if default == "vision_int8" else "float"], feats[None])
     with pytest.raises(InputError, match="vision_int8"):
         vl2edge.load(exports["tiny", "float32"], vision="int8")  # a float32 export has no int8 graph
     with pytest.raises(InputError, match="vision-graph"):
@@ -271,7 +282,7 @@ def test_widths_that_allow_it_export_at_block_64_through_qmoe(tmp_path):
     out = export(src, tmp_path / "onnx", "int4-experts", vision="float", progress=False)
     m = json.loads((out / "manifest.json").read_text())
     assert m["recipe"]["block_size"] == 64 and m["moe"] == "QMoE"
-    assert "MatMulInteger" in m["graphs"]["decoder"]["linears_8bit"]
+    assert ("MatMulInteger" in m["graphs"]["decoder"].get("linears_8bit", "")) == u8s8_exact()
     tm = load_model(src, dtype="float32", device="cpu", quant=Recipe("int4-experts", block_size=64),
                     kernel="dequant").model
     om = OnnxModel(out)

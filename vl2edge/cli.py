@@ -42,7 +42,7 @@ def build_prompt(prompt: str, n_images: int) -> str:
 def _load_kw(a) -> dict:
     """`pipeline.load`'s keywords from the model options."""
     return {"device": a.device, "dtype": a.dtype, "gpu_memory": a.gpu_memory, "quant": a.quant, "backend": a.backend,
-            "vision": a.vision_graph, "graph": not a.no_graph}
+            "vision": a.vision_graph, "graph": not a.no_graph, "force": a.force}
 
 
 def _load(a):
@@ -289,7 +289,7 @@ def export(a) -> None:
         raise InputError(f"vl2edge export needs the export extra ({e.name} is missing): "
                          "pip install 'vl2edge[export]'") from None
     out = run_export(a.model, a.out, a.recipe, a.block_size, a.vision, a.accuracy_level, overwrite=a.overwrite,
-                     calibration=a.calibration_images)
+                     calibration=a.calibration_images, force=a.force)
     m = json.loads((out / "manifest.json").read_text())
     print(f"wrote {out} ({a.recipe}, {m['export_seconds']} s); verification against torch: "
           + ", ".join(f"{k} rel-L2 {v['rel_l2']:.1e}" for k, v in m["verification"].items()))
@@ -365,6 +365,9 @@ def _parser() -> argparse.ArgumentParser:
                             "that do not fit from CPU memory (PyTorch backend)")
         p.add_argument("--no-graph", action="store_true",
                        help="CUDA: run the static decode step eagerly instead of replaying it as a CUDA graph")
+        p.add_argument("--force", action="store_true",
+                       help="CPU default: export and run even when config.json says the model does not fit this "
+                            "machine's memory or disk")
 
     def gen_args(p, max_new=512):
         p.add_argument("--max-new-tokens", type=int, default=max_new)
@@ -473,6 +476,8 @@ def _parser() -> argparse.ArgumentParser:
                         "through MatMulInteger), 0 = exact (the graph computes the torch model)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     e.add_argument("--calibration-images", metavar="DIR", help="pictures to calibrate the int8 vision graph on")
+    e.add_argument("--force", action="store_true",
+                   help="export even when config.json says the export does not fit this machine's memory or disk")
     e.set_defaults(func=export)
 
     v = sub.add_parser("verify", help="check an ONNX export's files against its sha256s, or a checkpoint against "

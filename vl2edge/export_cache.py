@@ -78,7 +78,8 @@ def verify_entry(entry: Path) -> str | None:
 
 
 def cached_export(src: Path, progress: bool = True) -> Path:
-    """The cached int4-experts export of the float checkpoint `src`, built (once) if needed."""
+    """The cached int4-experts export of the float checkpoint `src`, built (once) if needed. Whether it fits
+    the machine is the caller's to check (vl2edge/fits.py: `pipeline.load` does, before the download)."""
     entry = entry_for(src)
     if verify_entry(entry) is None:
         return entry
@@ -99,5 +100,5 @@ def cached_export(src: Path, progress: bool = True) -> Path:
             print(f"[vl2edge] the cached export {entry} does not verify ({problem}); rebuilding it", file=sys.stderr)
         print(f"[vl2edge] first run on the CPU: exporting {src} to ONNX ({RECIPE}) into {entry}, once; later runs "
               "reuse it (--backend torch runs the PyTorch model instead)", file=sys.stderr)
-        export(src, entry, RECIPE, progress=progress, overwrite=True)
+        export(src, entry, RECIPE, progress=progress, overwrite=True, force=True)  # the caller checked the fit
     return entry

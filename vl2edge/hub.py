@@ -18,7 +18,8 @@ PATTERNS = ["*.json", "*.safetensors", "*.onnx", "*.onnx.data", "*.bin", "*.txt"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve(path_or_id, revision: str | None = None) -> Path:
+def _repo_id(path_or_id) -> str | Path:
+    """A local model directory as a Path, else the Hugging Face id it must be (CheckpointError if neither)."""
     s = str(path_or_id)
     try:
         p = Path(path_or_id).expanduser()
@@ -31,16 +32,35 @@ def resolve(path_or_id, revision: str | None = None) -> Path:
         raise CheckpointError(f"{s} is a file; --model wants a model directory or a Hugging Face id")
     if not _REPO_ID.match(s) or s.startswith((".", "/", "~")):
         raise CheckpointError(f"no such model directory: {s} (a Hugging Face id looks like {KNOWN[0]})")
-    from huggingface_hub import snapshot_download
+    return s
+
+
+def _fetch(repo: str, revision: str | None, **kw) -> Path:
+    from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(s, revision=revision, allow_patterns=PATTERNS))
+        if "filename" in kw:
+            return Path(hf_hub_download(repo, revision=revision, **kw)).parent
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=PATTERNS))
     except RepositoryNotFoundError:
-        raise CheckpointError(f"{s} is neither a local directory nor a model on the Hugging Face hub "
+        raise CheckpointError(f"{repo} is neither a local directory nor a model on the Hugging Face hub "
                               f"(known DeepSeek-VL2 ids: {', '.join(KNOWN)})") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        name = repo.split("/")[-1]
         raise CheckpointError(
-            f"cannot fetch {s} from the Hugging Face hub and it is not in the local cache ({type(e).__name__}). "
-            f"On a machine with network access run `hf download {s} --local-dir models/{s.split('/')[-1]}`, "
-            f"copy that directory here and pass --model models/{s.split('/')[-1]}") from None
+            f"cannot fetch {repo} from the Hugging Face hub and it is not in the local cache ({type(e).__name__}). "
+            f"On a machine with network access run `hf download {repo} --local-dir models/{name}`, "
+            f"copy that directory here and pass --model models/{name}") from None
+
+
+def resolve(path_or_id, revision: str | None = None) -> Path:
+    found = _repo_id(path_or_id)
+    return found if isinstance(found, Path) else _fetch(found, revision)
+
+
+def config_dir(path_or_id, revision: str | None = None) -> Path:
+    """A directory holding the model's config.json, fetching that one file alone for a hub id: what the
+    fits check (vl2edge/fits.py) reads before the weights are downloaded."""
+    found = _repo_id(path_or_id)
+    return found if isinstance(found, Path) else _fetch(found, revision, filename="config.json")

@@ -266,7 +266,7 @@ BACKENDS = ("auto", "torch", "onnx")
 
 def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | None = None,
          threads: int | None = None, gpu_memory=None, backend: str | None = None,
-         vision: str | None = None, graph: bool = True) -> Pipeline:
+         vision: str | None = None, graph: bool = True, force: bool = False) -> Pipeline:
     """A ready pipeline for a model directory or Hugging Face id.
 
     An ONNX export (`vl2edge export`, has manifest.json) runs on ONNX Runtime without torch (`threads`
@@ -280,29 +280,36 @@ def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | Non
     and offloads the routed experts that do not fit (see `vl2edge.models.loading.load_model`). `vision`
     ("float" or "int8", ONNX backend): the vision graph to run instead of the export's default. On CUDA the
     PyTorch model decodes through the static decode step (`vl2edge.models.decode_step`), replayed as a CUDA
-    graph; `graph=False` runs that step eagerly.
+    graph; `graph=False` runs that step eagerly. Before the CPU default downloads or exports anything, it
+    checks from config.json alone that the model fits this machine (vl2edge/fits.py); `force` skips that.
     """
     from .artifact import is_onnx_dir
-    from .hub import resolve
+    from .hub import config_dir, resolve
 
     asked = backend  # VL2EDGE_BACKEND is a default for checkpoints; an ONNX export always runs on ONNX Runtime
     backend = backend or os.environ.get("VL2EDGE_BACKEND") or "auto"
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    path = resolve(path_or_id)
-    if is_onnx_dir(path):
+    where = config_dir(path_or_id)  # a local directory, or a hub id's config.json alone (no weights yet)
+    if is_onnx_dir(where):
         if quant is not None or asked == "torch":
-            raise InputError(f"{path} is an ONNX export (its recipe was fixed when it was exported); "
+            raise InputError(f"{where} is an ONNX export (its recipe was fixed when it was exported); "
                              "--quant and --backend torch need a checkpoint")
-        return _onnx_pipeline(path, device, threads, vision)
-    config = VL2Config.from_pretrained(path)  # config errors before anything heavy
+        return _onnx_pipeline(resolve(path_or_id), device, threads, vision)
+    config = VL2Config.from_pretrained(where)  # config errors before anything heavy
     if backend == "onnx" or (backend == "auto" and _cpu_only(device) and quant is None and gpu_memory is None
-                             and dtype in (None, "auto") and not (path / MANIFEST).is_file()):
+                             and dtype in (None, "auto") and not (where / MANIFEST).is_file()):
         if quant is not None or gpu_memory is not None:
             raise InputError("--backend onnx runs the cached int4-experts export: --quant and --gpu-memory are "
                              "options of the PyTorch backend")
-        from .export_cache import cached_export
+        from .export_cache import cache_root, cached_export, entry_for, verify_entry
 
+        if not force:
+            from .fits import check
+
+            exported = where == Path(path_or_id).expanduser() and verify_entry(entry_for(where)) is None
+            check(config, str(path_or_id), None if exported else cache_root())
+        path = resolve(path_or_id)
         try:
             entry = cached_export(path)
         except ImportError as e:
@@ -311,6 +318,7 @@ def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | Non
         return _onnx_pipeline(entry, device, threads, vision)
     if vision is not None:
         raise InputError("--vision-graph chooses among an ONNX export's graphs; the PyTorch backend has one tower")
+    path = resolve(path_or_id)
     try:
         from .models.loading import load_model
     except ImportError as e:

@@ -111,7 +111,7 @@ def answer_loss(model, batch: ProcessorOutput, answer_lens: list[int]) -> torch.
     seq = torch.from_numpy(batch.images_seq_mask)
     if any(f.shape[0] for f in feats):
         embeds = embeds.masked_scatter(seq[..., None], torch.cat(feats).to(embeds.dtype))
-    cache = GraphCache(zero_pasts(model, B, 0))
+    cache = GraphCache(zero_pasts(model.config.language_config, B, 0))
     logits = model.language(embeds, cache, torch.from_numpy(batch.attention_mask))   # [B, T, V]
     target = torch.full((B, T), -100, dtype=torch.long)
     for b, n in enumerate(answer_lens):

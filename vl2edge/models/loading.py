@@ -99,17 +99,12 @@ def load_model(path, dtype="auto", device="auto", quant: str | Recipe | None = N
 
     path = resolve(path)
     config = VL2Config.from_pretrained(path)
-    ck = Checkpoint.open(path)
-    shapes = config.tensor_shapes()
     stored = read_manifest(path)
     if stored is not None and quant is not None:
         raise InputError(f"{path} is already quantized ({MANIFEST}); drop quant={quant!r}")
+    ck = open_checked(path, config, stored)
     recipe = Recipe(quant) if isinstance(quant, str) else quant
-    specs = stored if stored is not None else (recipe.specs(shapes) if recipe else {})
-    expected = packed_tensor_shapes(shapes, stored) if stored else {k: (None, s) for k, s in shapes.items()}
-    ck.check_keys(expected, "config.json" + (f" and {MANIFEST}" if stored else ""))
-    ck.check_shapes({k: s for k, (_, s) in expected.items()})
-    ck.check_dtypes({k: dt for k, (dt, _) in expected.items()})
+    specs = stored if stored is not None else (recipe.specs(config.tensor_shapes()) if recipe else {})
 
     with torch.device("meta"):
         model = VL2Model(config)
@@ -128,21 +123,54 @@ def load_model(path, dtype="auto", device="auto", quant: str | Recipe | None = N
     return LoadedModel(model.eval(), plan)
 
 
-def _state(model: VL2Model, ck: Checkpoint, dtype: torch.dtype, device: torch.device,
-           quantize_specs: dict[str, QuantSpec] | None) -> dict[str, torch.Tensor]:
+def load_part(ck: Checkpoint, module: nn.Module, prefix: str, specs: dict[str, QuantSpec],
+              dtype: torch.dtype = torch.float32, only: tuple[str, ...] | None = None) -> nn.Module:
+    """One part of the model, alone: `module` (built on the meta device; the checkpoint's names below
+    `prefix`, e.g. `language.model.layers.3.`) gets its weights from the checkpoint tensors under `prefix`,
+    the ones `specs` names quantized on the way (kernel "dequant": the reference computation). Nothing
+    else of the checkpoint is read, so a part costs its own weights only (the streaming export). only: the
+    tensors read are those under one of these names (a part made of modules from several places)."""
+    swap_modules(module, quantized_twins(specs), prefix)
+    state = _state(module, ck, dtype, torch.device("cpu"), specs, prefix, only or (prefix,))
+    module.load_state_dict(state, strict=True, assign=True)
+    module.requires_grad_(False)
+    for m in module.modules():
+        if isinstance(m, (QLinear, QuantExperts)):
+            m.prepare(dtype, "dequant")
+    return module.eval()
+
+
+def open_checked(path, config: VL2Config, stored: dict[str, QuantSpec] | None = None) -> Checkpoint:
+    """The checkpoint of `path`, its tensor names, shapes and dtypes checked against `config` (and the
+    packed layout `stored`, for a quantized directory) before anything is read."""
+    ck = Checkpoint.open(path)
+    shapes = config.tensor_shapes()
+    expected = packed_tensor_shapes(shapes, stored) if stored else {k: (None, s) for k, s in shapes.items()}
+    ck.check_keys(expected, "config.json" + (f" and {MANIFEST}" if stored else ""))
+    ck.check_shapes({k: s for k, (_, s) in expected.items()})
+    ck.check_dtypes({k: dt for k, (dt, _) in expected.items()})
+    return ck
+
+
+def _state(model: nn.Module, ck: Checkpoint, dtype: torch.dtype, device: torch.device,
+           quantize_specs: dict[str, QuantSpec] | None, prefix: str = "",
+           only: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
     """The model's state dict from the checkpoint (sanitized names, stacked experts); float tensors named
-    in `quantize_specs` are quantized on the way (row chunks), so only their packed form is ever held."""
+    in `quantize_specs` are quantized on the way (row chunks), so only their packed form is ever held.
+    prefix: `model` is the part of the checkpoint below it; only: the tensors read (by name prefix)."""
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
     buffers = {n for n, _ in model.named_buffers()}
     state: dict[str, torch.Tensor] = {}
     for name in ck.where:
+        if not name.startswith(only):
+            continue
         spec = (quantize_specs or {}).get(name)
         items = _quantized_items(ck, name, spec) if spec else [(name, None)]
         for tname, tensor in items:
             target = sanitize(tname)
             if target is None:
                 continue
-            pname, row = target
+            pname, row = target[0].removeprefix(prefix), target[1]
             if pname not in targets:
                 raise CheckpointError(f"{ck.root}: tensor {tname!r} has no place in the model")
             tdtype = targets[pname].dtype if pname in buffers else dtype
