@@ -25,6 +25,7 @@ import torch
 
 from vl2edge.artifact import FORMAT, MANIFEST, sha256
 from vl2edge.config import VL2Config
+from vl2edge.cpu_features import u8s8_exact
 from vl2edge.errors import InputError
 from vl2edge.fits import check
 from vl2edge.generate import prefill
@@ -39,7 +40,7 @@ from vl2edge.weights import SIDE_FILES
 
 from .decoder import Sample, errors, export_decoder_streaming
 from .graphs import MS_OPSET, OPSET, export_vision
-from .ops import Kernels, u8s8_exact
+from .ops import Kernels
 from .vision_int8 import calibration_images, calibration_tiles, export_vision_int8, feature_gate
 
 SAMPLE_TOKENS = (5, 9)   # the verification's two decode steps after the sample prompt
@@ -115,12 +116,14 @@ def _choose_vision(manifest: dict) -> None:
         manifest["default_vision_reason"] = f"int8 failed the gate: {err} > {gate['limit']}; float kept"
 
 
-def export(src, dst, recipe: str = "int4-experts", block_size: int | None = None, vision: str = "both",
+def export(src, dst, recipe: str = "int4-experts", block_size: int | None = None, vision: str = "auto",
            accuracy_level: int = 4, routing_outputs: bool = False, progress: bool = True,
            overwrite: bool = False, calibration=None, int8_matmul: bool = True, force: bool = False) -> Path:
     """Quantize (per `recipe`), export and verify into the new directory `dst` (written under a temporary
     name and renamed into place when complete; refused if it holds files, unless `overwrite`).
-    vision: "float", "int8" or "both" (quantized recipes). calibration: a folder of pictures like the ones
+    vision: "float", "int8", "both" (quantized recipes), or "auto": both where this CPU's u8s8 kernel is exact,
+    else float alone (`u8s8_exact`: there the int8 graph misses its gate, and its search costs minutes and
+    gigabytes). calibration: a folder of pictures like the ones
     the model will see, added to the int8 vision graph's calibration set (synthetic pictures by default).
     block_size: None = export_block_size (64 where the widths allow, else 32).
     int8_matmul: the decoder's 8-bit linears as int8 rows through MatMulInteger (export/ops.py; False:
@@ -129,8 +132,10 @@ def export(src, dst, recipe: str = "int4-experts", block_size: int | None = None
     before anything is downloaded (vl2edge/fits.py)."""
     if recipe not in EXPORT_RECIPES:
         raise InputError(f"unknown recipe {recipe!r}; known: {', '.join(EXPORT_RECIPES)}")
-    if vision not in ("float", "int8", "both"):
-        raise InputError(f"vision must be float, int8 or both, got {vision!r}")
+    if vision not in ("auto", "float", "int8", "both"):
+        raise InputError(f"vision must be auto, float, int8 or both, got {vision!r}")
+    if vision == "auto":
+        vision = "both" if u8s8_exact() else "float"
     if calibration is not None and not Path(calibration).is_dir():
         raise InputError(f"calibration images: {calibration} is not a folder")
     pictures = calibration_images(calibration)

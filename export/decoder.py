@@ -37,7 +37,7 @@ from vl2edge.models.loading import load_part
 from vl2edge.quant.format import QuantSpec
 from vl2edge.weights import Checkpoint
 
-from .graphs import MS_OPSET, OPSET, GraphCache, _export, cache_io, zero_pasts
+from .graphs import MS_OPSET, OPSET, GraphCache, cache_io, trace_piece, zero_pasts
 from .ops import ExportLinear, ExportMHA, ExportMoE, Kernels, prepare, qmoe_ok
 from .splice import GraphWriter
 
@@ -127,16 +127,6 @@ class DecoderReport:
     data_bytes: int = 0
 
 
-def _trace(module: nn.Module, args: tuple, tmp: Path, name: str, inputs: list[str], outputs: list[str],
-           dyn: dict):
-    """Trace a piece into `tmp` and load it back (with its weights): (ModelProto, path)."""
-    import onnx
-
-    path = tmp / f"{name}.onnx"
-    _export(module, args, path, inputs, outputs, {k: v for k, v in dyn.items() if k in inputs + outputs})
-    return onnx.load(str(path)), path
-
-
 def _session(path: Path, threads: int):
     import onnxruntime as ort
 
@@ -176,7 +166,7 @@ def export_decoder_streaming(ck: Checkpoint, lc: LanguageConfig, specs: dict[str
     routing_names: list[str] = []
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".decoder-pieces-") as tmp_name:
         tmp = Path(tmp_name)
-        proto, path = _trace(HeadGraph(), (torch.zeros(B, T, D), trace_mask), tmp, "head",
+        proto, path = trace_piece(HeadGraph(), (torch.zeros(B, T, D), trace_mask), tmp, "head",
                              ["inputs_embeds", "attention_mask"], MASK_NAMES, dyn)
         writer.add(proto, "head/", {n: n for n in ["inputs_embeds", "attention_mask", *MASK_NAMES]},
                    inputs=("inputs_embeds", "attention_mask"))
@@ -199,7 +189,7 @@ def export_decoder_streaming(ck: Checkpoint, lc: LanguageConfig, specs: dict[str
             rout = [f"routing.{i}"] if routing and isinstance(layer.mlp, ExportMoE) else []
             routing_names += rout
             pasts = zero_pasts(lc, B, P, range(i, i + 1))
-            proto, path = _trace(LayerGraph(layer, i, routing), (torch.randn(B, T, D), *trace_attn, *pasts), tmp,
+            proto, path = trace_piece(LayerGraph(layer, i, routing), (torch.randn(B, T, D), *trace_attn, *pasts), tmp,
                                  f"layer{i}", ["hidden", *MASK_NAMES, *mine_past],
                                  ["hidden_out", *mine_present, *rout], dyn)
             del layer
@@ -219,7 +209,7 @@ def export_decoder_streaming(ck: Checkpoint, lc: LanguageConfig, specs: dict[str
         with torch.inference_mode():
             report.logits = [tail(h).numpy() for h in hidden]
         prepare(tail, lc, kernels, plain=plain)
-        proto, path = _trace(tail, (torch.randn(B, T, D),), tmp, "tail", ["hidden"], ["logits"], dyn)
+        proto, path = trace_piece(tail, (torch.randn(B, T, D),), tmp, "tail", ["hidden"], ["logits"], dyn)
         del tail
         got = [_session(path, threads).run(None, {"hidden": h.numpy()})[0] for h in hidden]
         report.tail = errors(np.concatenate(got), np.concatenate(report.logits))

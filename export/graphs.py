@@ -25,6 +25,7 @@ from torch import nn
 
 from vl2edge.config import LanguageConfig
 from vl2edge.models.model import VL2Model
+from vl2edge.models.vision import VisionTower
 
 OPSET = 17          # ai.onnx; TorchScript export writes IR 8, which every onnxruntime >= 1.14 loads
 MS_OPSET = 1        # com.microsoft
@@ -99,15 +100,6 @@ def zero_pasts(c: LanguageConfig, batch: int, past: int, layers: range | None = 
     return [torch.zeros(shape, dtype=torch.float32) for _ in names]
 
 
-class VisionGraph(nn.Module):
-    def __init__(self, model: VL2Model):
-        super().__init__()
-        self.vision, self.projector = model.vision, model.projector
-
-    def forward(self, pixel_values):
-        return self.projector(self.vision(pixel_values))
-
-
 def _export(module: nn.Module, args: tuple, out: Path, input_names, output_names, dynamic_axes,
             contrib: bool = True) -> Path:
     """torch.onnx.export (TorchScript tracer: the contrib-op symbolics in export/ops.py) + external data."""
@@ -179,10 +171,65 @@ def quantize_vision_dynamic(src: Path, out: Path) -> dict:
                       f"(DynamicQuantizeMatMul), {len(nodes)} MatMuls"}
 
 
+def trace_piece(module: nn.Module, args: tuple, tmp: Path, name: str, inputs: list[str], outputs: list[str],
+                dyn: dict):
+    """Trace one piece of a graph into the folder `tmp` and load it back with its weights: (ModelProto, path)."""
+    import onnx
+
+    path = tmp / f"{name}.onnx"
+    _export(module, args, path, inputs, outputs, {k: v for k, v in dyn.items() if k in inputs + outputs})
+    return onnx.load(str(path)), path
+
+
+class VisionFront(nn.Module):
+    """Pixels -> patch embeddings + positions [n, N, W]: the vision graph's first piece."""
+
+    def __init__(self, tower: VisionTower):
+        super().__init__()
+        self.patch_embed, self.pos_embed = tower.patch_embed, tower.pos_embed
+
+    def forward(self, pixel_values):
+        return self.patch_embed(pixel_values) + self.pos_embed
+
+
+class VisionTail(nn.Module):
+    """The final LayerNorm and the projector [n, N, W] -> [n, 196, D]: the vision graph's last piece."""
+
+    def __init__(self, tower: VisionTower, projector: nn.Module):
+        super().__init__()
+        self.norm, self.projector = tower.norm, projector
+
+    def forward(self, hidden):
+        return self.projector(self.norm(hidden))
+
+
 def export_vision(model: VL2Model, out: Path, graph: nn.Module | None = None) -> dict:
-    """The vision tower + projector in plain ONNX ops, or `graph` (a twin of VisionGraph, e.g.
+    """The vision tower + projector in plain ONNX ops, traced a block at a time and spliced (so the tracer
+    never holds a copy of the whole tower), or `graph` traced whole (a module computing the same, e.g.
     export/vision_int8.py's, which may emit contrib ops)."""
     S = model.config.vision_config.image_size
-    _export(graph or VisionGraph(model), (torch.randn(2, 3, S, S),), out, ["pixel_values"], ["image_features"],
-            {"pixel_values": {0: "tiles"}, "image_features": {0: "tiles"}}, contrib=graph is not None)
-    return {"file": out.name, "inputs": ["pixel_values"], "outputs": ["image_features"]}
+    io = {"file": out.name, "inputs": ["pixel_values"], "outputs": ["image_features"]}
+    if graph is not None:
+        _export(graph, (torch.randn(2, 3, S, S),), out, ["pixel_values"], ["image_features"],
+                {"pixel_values": {0: "tiles"}, "image_features": {0: "tiles"}}, contrib=True)
+        return io
+    from .splice import GraphWriter
+
+    tower = model.vision
+    dyn = {"pixel_values": {0: "tiles"}, "hidden": {0: "tiles"}, "hidden_out": {0: "tiles"},
+           "image_features": {0: "tiles"}}
+    writer = GraphWriter(out, {"": OPSET})
+    L, N, W = len(tower.blocks), tower.config.grid ** 2, tower.config.width
+    pieces = [(VisionFront(tower), torch.randn(2, 3, S, S), "pixel_values", "hidden", "pixel_values", "hidden.0"),
+              *((b, torch.randn(2, N, W), "hidden", "hidden_out", f"hidden.{i}", f"hidden.{i + 1}")
+                for i, b in enumerate(tower.blocks)),
+              (VisionTail(tower, model.projector), torch.randn(2, N, W), "hidden", "image_features", f"hidden.{L}",
+               "image_features")]
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".vision-pieces-") as tmp:
+        for k, (module, arg, src, dst, outer_src, outer_dst) in enumerate(pieces):
+            proto, path = trace_piece(module, (arg,), Path(tmp), f"piece{k}", [src], [dst], dyn)
+            writer.add(proto, f"vision.{k}/", {src: outer_src, dst: outer_dst},
+                       inputs=("pixel_values",), outputs=("image_features",))
+            path.unlink()
+    writer.close(["pixel_values"], ["image_features"])
+    return io

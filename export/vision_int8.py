@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vl2edge.cpu_features import u8s8_exact
 from vl2edge.errors import InputError
 from vl2edge.images import SUFFIXES, load_image
 from vl2edge.models.model import VL2Model
@@ -45,7 +46,7 @@ from vl2edge.processor import Processor
 from vl2edge.synthetic import sample_image
 
 from .graphs import export_vision, one_data_file, quiet_quantizer
-from .ops import MS, u8s8_exact
+from .ops import MS
 
 CALIBRATION_SIZES = ((640, 480), (384, 384), (1024, 768), (300, 800), (900, 400), (1280, 720))
 MAX_TILES = 64            # calibration tiles at most (spread evenly over the pictures' tiles)
@@ -281,7 +282,7 @@ def quantize_static_vision(src: Path, out: Path, tiles: np.ndarray, method: str 
                         calibrate_method=getattr(CalibrationMethod, method), nodes_to_quantize=nodes,
                         op_types_to_quantize=["MatMul"],
                         use_external_data_format=src.with_name(src.name + ".data").is_file(),
-                        reduce_range=not u8s8_exact(),  # 7-bit weights where u8s8 would saturate (export/ops.py)
+                        reduce_range=not u8s8_exact(),  # 7-bit weights where u8s8 saturates (cpu_features.py)
                         extra_options={"CalibStridedMinMax": 1,  # collect and reduce one tile at a time
                                        "OpTypesToExcludeOutputQuantization": ["MatMul"]})
     one_data_file(out)

@@ -11,9 +11,9 @@ import pytest
 
 from tests import golden
 from vl2edge.artifact import verify_files
+from vl2edge.cpu_features import u8s8_exact
 from vl2edge.errors import CheckpointError, InputError
 from vl2edge.export.build import export
-from vl2edge.export.ops import u8s8_exact
 from vl2edge.generate import generate, prefill
 from vl2edge.models.loading import load_model
 from vl2edge.onnx_backend import OnnxModel
@@ -26,7 +26,7 @@ def exports(tmp_path_factory):
     for v in golden.VARIANTS:
         out[v, "float32"] = export(golden.model_dir(v), root / f"{v}-f32", "float32", progress=False)
         out[v, "int4-experts"] = export(golden.model_dir(v), root / f"{v}-q4", "int4-experts", routing_outputs=True,
-                                        progress=False, calibration=golden.REF / "images")
+                                        progress=False, calibration=golden.REF / "images", vision="both")
         out[v, "exact"] = export(golden.model_dir(v), root / f"{v}-q4-acc0", "int4-experts", vision="float",
                                  accuracy_level=0, routing_outputs=True, progress=False)
     return out
@@ -111,7 +111,7 @@ def test_manifest_describes_the_artifact(exports):
     if u8s8_exact():
         assert gate["passed"] and gate["features_rel_l2"] <= 0.01 and m["default_vision"] == "vision_int8"
         assert "passed the gate" in m["default_vision_reason"]
-    else:  # x86 without VNNI: u8s8 saturates (export/ops.py u8s8_exact), the gate keeps the float graph
+    else:  # x86 without VNNI: u8s8 saturates (vl2edge/cpu_features.py), the gate keeps the float graph
         assert not gate["passed"] and gate["features_rel_l2"] > 0.01 and m["default_vision"] == "vision"
         assert "failed the gate" in m["default_vision_reason"]
     assert m["graphs"]["decoder"]["past"][:2] == ["past_key_values.0.key", "past_key_values.0.value"]

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from vl2edge.cpu_features import u8s8_exact
 from vl2edge.export.graphs import _export
-from vl2edge.export.ops import ExportLinear, Kernels, int8_rows, u8s8_exact
+from vl2edge.export.ops import ExportLinear, Kernels, int8_rows
 from vl2edge.quant.format import QuantSpec
 from vl2edge.quant.modules import QLinear
 

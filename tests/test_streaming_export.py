@@ -14,9 +14,9 @@ import pytest
 from tests import golden
 from vl2edge import fits
 from vl2edge.config import VL2Config
+from vl2edge.cpu_features import u8s8_exact
 from vl2edge.export import build
 from vl2edge.export.build import export
-from vl2edge.export.ops import u8s8_exact
 from vl2edge.generate import prefill
 from vl2edge.info import onnx_resident, report
 from vl2edge.models.loading import load_model
@@ -160,7 +160,8 @@ def test_the_check_uses_the_estimate_info_prints(tmp_path):
 
 def test_the_8bit_linears_use_matmulinteger_only_where_it_is_exact(tmp_path):
     """x86 without VNNI saturates u8s8's int16 pair sums: there the export keeps the 8-bit linears on
-    MatMulNBits. Where u8s8_exact() says yes, the worst case (255 x 127 everywhere) comes out exact."""
+    MatMulNBits and builds no int8 vision graph by default. Where u8s8_exact() says yes, the worst case
+    (255 x 127 everywhere) comes out exact."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -178,6 +179,8 @@ def test_the_8bit_linears_use_matmulinteger_only_where_it_is_exact(tmp_path):
     exact = bool(np.array_equal(y, (a.astype(np.int64) - 128) @ w.astype(np.int64)))
     if u8s8_exact():
         assert exact
-    d = export(golden.model_dir("tiny"), tmp_path / "e", "int4-experts", vision="float", progress=False)
+    d = export(golden.model_dir("tiny"), tmp_path / "e", "int4-experts", progress=False)  # vision "auto"
     ops = {n.op_type for n in onnx.load(str(d / "decoder.onnx"), load_external_data=False).graph.node}
     assert ("MatMulInteger" in ops) == u8s8_exact()
+    # nor is the int8 vision graph built by default where it cannot pass its gate
+    assert ("vision_int8" in json.loads((d / "manifest.json").read_text())["graphs"]) == u8s8_exact()

@@ -468,9 +468,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="float32 = plain ops, for verification; the others as in vl2edge quantize")
     e.add_argument("--block-size", type=int, default=None, choices=[32, 64, 128],
                    help=f"default: {EXPORT_BLOCK_SIZE} where the model's widths allow it, else 32")
-    e.add_argument("--vision", default="both", choices=["both", "float", "int8"],
+    e.add_argument("--vision", default="auto", choices=["auto", "both", "float", "int8"],
                    help="vision graph variants to write (int8: statically quantized, calibrated; the default "
-                        "when it passes its accuracy gate)")
+                        "when it passes its accuracy gate); auto (default): both where the CPU's int8 kernel is "
+                        "exact (VNNI/AMX, non-x86), float alone elsewhere")
     e.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
                    help="4 = int8 activations (fast on CPU: MatMulNBits/QMoE accuracy_level 4, 8-bit linears "
                         "through MatMulInteger), 0 = exact (the graph computes the torch model)")

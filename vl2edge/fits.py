@@ -22,12 +22,13 @@ from .info import RUNTIME_BASE, onnx_resident
 from .quant.recipes import RECIPES, Recipe, export_block_size
 
 G = 2**30
-# The streaming export's peak (bench/RESULTS.md 2026-12-06, full-size Tiny and Small, int4-experts): the
-# vision stage holds the float tower a few times over (torch, its traced graph, the int8 search's copy and
-# onnxruntime's calibration sessions); a decoder layer, its packed weights a few times over (the loaded
-# module, its export twin, the traced piece and its verification session).
-VISION_EXPORT_FACTOR = 4.0
-LAYER_EXPORT_FACTOR = 5.0
+# The streaming export's peak (bench/RESULTS.md 2026-12-06, full-size Tiny, int4-experts, AVX2 EPYC): the
+# vision stage holds the float tower several times over (torch, the traced graph, constant folding; the
+# int8 search's copy and onnxruntime's calibration sessions: 12.5 GB RSS seen there, 7.9 GB with
+# `--vision float`); a decoder layer, its stored weights several times over (the loaded module, its
+# export twin, the traced piece and its verification session: 1.5-1.6 GB RSS through Tiny's 12 layers).
+VISION_EXPORT_FACTOR = 7.0
+LAYER_EXPORT_FACTOR = 8.0
 # `--backend torch --quant`: 4-bit weights packed, everything else widened to float32 on the CPU, plus the
 # loading's transients (measured: Small int4-experts, 18.8 GB peak answering a 384x384 image)
 TORCH_FACTOR = 1.3
