@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from vl2edge.artifact import FORMAT, MANIFEST, sha256
 from vl2edge.config import VL2Config
@@ -55,16 +56,31 @@ def _sample_inputs(proc: Processor):
 
 
 def _front(ck, config: VL2Config, specs: dict) -> VL2Model:
-    """The model's front alone (vision tower, projector, the tables the runtime gathers), its language layers
-    left on the meta device: what the vision export and the sample's embeddings need."""
+    """The model's front alone (vision tower, projector, the two separator rows), its language model left on
+    the meta device: what the vision export and the sample's image rows need."""
     with torch.device("meta"):
         front = VL2Model(config)
-    for prefix, part in (("vision.", front.vision), ("projector.", front.projector),
-                         ("language.model.embed_tokens.", front.language.model.embed_tokens)):
+    for prefix, part in (("vision.", front.vision), ("projector.", front.projector)):
         load_part(ck, part, prefix, specs)
     front.load_state_dict({n: ck.torch(n, dtype=torch.float32) for n in ("image_newline", "view_seperator")},
                           strict=False, assign=True)
     return front
+
+
+def _embeddings(ck, config: VL2Config, inputs, image_rows: torch.Tensor, out: Path):
+    """The sample's input embeddings [1, T, D] (the image rows scattered where `images_seq_mask` says, as
+    VL2Model.embed does) and the decode steps' [1, 1, D]; writes embed_tokens.npy. Loaded after the vision
+    tower is gone, so the two are never in memory together."""
+    lc = config.language_config
+    with torch.device("meta"):
+        table = nn.Embedding(lc.vocab_size, lc.hidden_size)
+    load_part(ck, table, "language.model.embed_tokens.", {})
+    with torch.inference_mode():
+        embeds = table(torch.from_numpy(np.asarray(inputs.input_ids, dtype=np.int64)))
+        embeds[torch.from_numpy(np.asarray(inputs.images_seq_mask, dtype=bool))] = image_rows
+        decode = [table(torch.tensor([[t]])).numpy() for t in SAMPLE_TOKENS]
+    _save_npy(out / "embed_tokens.npy", table.weight)
+    return embeds.numpy(), decode
 
 
 def _verify_vision(dst: Path, graphs: dict, features: np.ndarray, tiles: np.ndarray, threads: int) -> dict:
@@ -187,12 +203,8 @@ def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: st
     tiles = inputs.images[0]
     with torch.inference_mode():
         features = front.encode_tiles(torch.from_numpy(tiles)).float().numpy()
-        embeds = front.embed(inputs.input_ids, inputs.images, inputs.images_seq_mask,
-                             inputs.images_spatial_crop).float().numpy()
-        decode_embeds = [front.language.embed(torch.tensor([[t]])).float().numpy() for t in SAMPLE_TOKENS]
-    chunk = embeds.shape[1] - 7
+        image_rows = front.image_features(inputs.images, inputs.images_spatial_crop)[0].float()
     out.mkdir(parents=True, exist_ok=True)
-    _save_npy(out / "embed_tokens.npy", front.language.model.embed_tokens.weight)
     np.save(out / "image_newline.npy", front.image_newline.detach().float().numpy())
     np.save(out / "view_seperator.npy", front.view_seperator.detach().float().numpy())
     done()
@@ -211,7 +223,10 @@ def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: st
                 f.unlink(missing_ok=True)
             del graphs["vision"]
         done()
-    del front  # the vision tower and the embedding table: the decoder's layers come next, one at a time
+    del front  # the vision tower: the embedding table, then the decoder's layers one at a time, come next
+    gc.collect()
+    embeds, decode_embeds = _embeddings(ck, config, inputs, image_rows, out)
+    chunk = embeds.shape[1] - 7
     gc.collect()
     step("decoder")
     sample = Sample.of(embeds, chunk, decode_embeds)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from .ops import ExportLinear, ExportMHA, ExportMoE, Kernels, prepare, qmoe_ok
 from .splice import GraphWriter
 
 MASK_NAMES = ["positions", "allowed", "seqlens_k", "total"]
+Piece = TypeVar("Piece", bound=nn.Module)
 
 
 class HeadGraph(nn.Module):
@@ -223,7 +225,7 @@ def export_decoder_streaming(ck: Checkpoint, lc: LanguageConfig, specs: dict[str
     return report
 
 
-def _meta(cls, *args) -> nn.Module:
+def _meta(cls: type[Piece], *args) -> Piece:
     """`cls(*args)` on the meta device: the module's structure, no memory (load_part gives it its weights)."""
     with torch.device("meta"):
         return cls(*args)

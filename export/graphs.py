@@ -37,7 +37,8 @@ class GraphCache:
     `first_layer`.. (one layer while tracing the streaming export) holds their pasts, in cache_io's order."""
 
     def __init__(self, pasts, first_layer: int = 0):
-        self.pasts, self.presents, self.first = list(pasts), [], first_layer
+        self.pasts, self.first = list(pasts), first_layer
+        self.presents: list[torch.Tensor] = []
 
     def begin(self, attention_mask: torch.Tensor, T: int):
         """attention_mask covers past + new positions [B, P+T]."""

@@ -17,18 +17,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import VL2Config
+from .cpu_features import u8s8_exact
 from .errors import InputError
 from .info import RUNTIME_BASE, onnx_resident
 from .quant.recipes import RECIPES, Recipe, export_block_size
 
 G = 2**30
-# The streaming export's peak (bench/RESULTS.md 2026-12-06, full-size Tiny, int4-experts, AVX2 EPYC): the
-# vision stage holds the float tower several times over (torch, the traced graph, constant folding; the
-# int8 search's copy and onnxruntime's calibration sessions: 12.5 GB RSS seen there, 7.9 GB with
-# `--vision float`); a decoder layer, its stored weights several times over (the loaded module, its
-# export twin, the traced piece and its verification session: 1.5-1.6 GB RSS through Tiny's 12 layers).
-VISION_EXPORT_FACTOR = 7.0
-LAYER_EXPORT_FACTOR = 8.0
+# The streaming export's peak (bench/RESULTS.md 2026-12-06, full-size Tiny and Small, int4-experts, AVX2
+# EPYC): torch, onnx and onnxruntime themselves (EXPORT_BASE); the vision stage holds the float tower and
+# the embedding table (Small: 3.5 GB RSS with the tower traced a block at a time) and, where the int8 graph
+# is built (`--vision auto` on a CPU whose u8s8 kernel is exact), the int8 search's copies and calibration
+# sessions (12.5 GB RSS seen on Tiny, whole-tower traces); a decoder layer, its stored weights a few times
+# over (the loaded module, its export twin, the traced piece and its check's session: Tiny 1.5-1.6 GB,
+# Small 1.5-2.2 GB RSS).
+EXPORT_BASE = int(0.8 * 2**30)
+VISION_FLOAT_FACTOR = 1.6
+VISION_INT8_FACTOR = 7.0
+LAYER_EXPORT_FACTOR = 6.0
 # `--backend torch --quant`: 4-bit weights packed, everything else widened to float32 on the CPU, plus the
 # loading's transients (measured: Small int4-experts, 18.8 GB peak answering a 384x384 image)
 TORCH_FACTOR = 1.3
@@ -52,8 +57,8 @@ def needs(config: VL2Config, recipe: str = "int4-experts", context: int | None =
     embed = lc.vocab_size * lc.hidden_size * 4
     layer = max(_layer_bytes(config, recipe).values())
     head = lc.vocab_size * lc.hidden_size * 4 * 2  # lm_head in float32 while it is loaded and traced
-    export = RUNTIME_BASE + max(int(vision_float * VISION_EXPORT_FACTOR) + embed, int(layer * LAYER_EXPORT_FACTOR),
-                                head)
+    vision_factor = VISION_INT8_FACTOR if u8s8_exact() else VISION_FLOAT_FACTOR  # export/build.py's "auto"
+    export = EXPORT_BASE + max(int(vision_float * vision_factor) + embed, int(layer * LAYER_EXPORT_FACTOR), head)
     return Needs(run=est["resident"], export=export, disk=est["decoder"] + est["vision"] + vision_float + embed)
 
 

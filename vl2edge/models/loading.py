@@ -12,7 +12,7 @@ from the memory-mapped checkpoint (one copy in memory, converted to the target d
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -123,8 +123,11 @@ def load_model(path, dtype="auto", device="auto", quant: str | Recipe | None = N
     return LoadedModel(model.eval(), plan)
 
 
-def load_part(ck: Checkpoint, module: nn.Module, prefix: str, specs: dict[str, QuantSpec],
-              dtype: torch.dtype = torch.float32, only: tuple[str, ...] | None = None) -> nn.Module:
+Part = TypeVar("Part", bound=nn.Module)
+
+
+def load_part(ck: Checkpoint, module: Part, prefix: str, specs: dict[str, QuantSpec],
+              dtype: torch.dtype = torch.float32, only: tuple[str, ...] | None = None) -> Part:
     """One part of the model, alone: `module` (built on the meta device; the checkpoint's names below
     `prefix`, e.g. `language.model.layers.3.`) gets its weights from the checkpoint tensors under `prefix`,
     the ones `specs` names quantized on the way (kernel "dequant": the reference computation). Nothing
