@@ -35,7 +35,8 @@ from vl2edge.config import LanguageConfig
 from vl2edge.models.cache import KVCache
 from vl2edge.models.language import DecoderLayer, RMSNorm
 from vl2edge.models.loading import load_part
-from vl2edge.quant.format import QuantSpec
+from vl2edge.quant.format import QuantSpec, dequantize
+from vl2edge.quant.modules import QLinear
 from vl2edge.weights import Checkpoint
 
 from .graphs import MS_OPSET, OPSET, GraphCache, cache_io, trace_piece, zero_pasts
@@ -97,6 +98,25 @@ class TailGraph(nn.Module):
 
     def forward(self, hidden):
         return self.lm_head(self.model.norm(hidden[:, -1])).float()
+
+    @torch.inference_mode()
+    def reference(self, hidden: list[torch.Tensor], rows: int = 1 << 14) -> list[np.ndarray]:
+        """What `forward` gives for each of these hidden states [1, T, D] ([1, V] each), the head applied
+        `rows` vocabulary rows at a time: a packed head dequantized whole to float32 (Tiny: 662 MB, with
+        temporaries) was the streaming export's largest transient."""
+        x = self.model.norm(torch.cat([h[:, -1] for h in hidden]))          # [S, D], S segments
+        head, parts = self.lm_head, []
+        for r in range(0, head.out_features, rows):
+            if isinstance(head, QLinear):
+                p = {k: t[r:r + rows] for k, t in head.packed().items()}
+                w = dequantize(head.spec, p["qweight"], p["scales"], p.get("qzeros"), K=head.in_features)
+            else:
+                w = head.weight[r:r + rows]
+            parts.append(x @ w.T)                                               # [S, rows]
+        logits = torch.cat(parts, -1).float()
+        if head.bias is not None:
+            logits += head.bias.float()
+        return [row[None].numpy() for row in logits]
 
 
 @dataclass
@@ -208,8 +228,7 @@ def export_decoder_streaming(ck: Checkpoint, lc: LanguageConfig, specs: dict[str
             progress("decoder head")
         tail = load_part(ck, _meta(TailGraph, lc), "language.", specs, only=("language.model.norm.",
                                                                                    "language.lm_head."))
-        with torch.inference_mode():
-            report.logits = [tail(h).numpy() for h in hidden]
+        report.logits = tail.reference(hidden)
         prepare(tail, lc, kernels, plain=plain)
         proto, path = trace_piece(tail, (torch.randn(B, T, D),), tmp, "tail", ["hidden"], ["logits"], dyn)
         del tail

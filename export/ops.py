@@ -201,6 +201,9 @@ class ExportLinear(nn.Module):
             wq_t, ws = int8_rows(q.weight)
             self.register_buffer("wq_t", wq_t)
             self.register_buffer("ws", ws)
+        # MLA reads kv_b_proj as a matrix: 4-bit weights unpack with a bitwise AND the tracer cannot export,
+        # so the matrix is dequantized here, once, into a float constant (8-bit dequantizes in traceable ops)
+        self.dense = q.weight.detach().clone() if q.needs_weight and q.spec.bits == 4 else None
 
     def forward(self, x):
         q = self.q
@@ -213,8 +216,8 @@ class ExportLinear(nn.Module):
         return y if q.bias is None else y + q.bias
 
     @property
-    def weight(self):  # MLA reads kv_b_proj as a matrix: a constant dequantized at export time
-        return self.q.weight
+    def weight(self):  # MLA reads kv_b_proj as a matrix
+        return self.q.weight if self.dense is None else self.dense
 
 
 def fused(mods: list[nn.Linear | QLinear], kernels: Kernels) -> nn.Module:

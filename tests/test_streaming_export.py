@@ -184,3 +184,12 @@ def test_the_8bit_linears_use_matmulinteger_only_where_it_is_exact(tmp_path):
     assert ("MatMulInteger" in ops) == u8s8_exact()
     # nor is the int8 vision graph built by default where it cannot pass its gate
     assert ("vision_int8" in json.loads((d / "manifest.json").read_text())["graphs"]) == u8s8_exact()
+
+
+def test_an_int4_mla_model_exports(tmp_path):
+    """The int4 recipe quantizes MLA's kv_b_proj to 4 bits; the absorbed attention reads it as a matrix,
+    which the export makes a float constant (unpacking 4-bit weights is a bitwise AND the tracer refuses)."""
+    d = export(golden.model_dir("base"), tmp_path / "e", "int4", vision="float", accuracy_level=0, progress=False)
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["quantization"]["language.model.layers.0.self_attn.kv_b_proj.weight"]["bits"] == 4
+    assert m["verification"]["decoder"]["rel_l2"] < 1e-5
