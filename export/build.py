@@ -39,7 +39,7 @@ from vl2edge.quant.recipes import EXPORT_RECIPES, Recipe, export_block_size, rea
 from vl2edge.synthetic import sample_image
 from vl2edge.weights import SIDE_FILES
 
-from .decoder import Sample, errors, export_decoder_streaming
+from .decoder import Sample, check_session, errors, export_decoder_streaming, on_meta
 from .graphs import MS_OPSET, OPSET, export_vision
 from .ops import Kernels
 from .vision_int8 import calibration_images, calibration_tiles, export_vision_int8, feature_gate
@@ -58,8 +58,7 @@ def _sample_inputs(proc: Processor):
 def _front(ck, config: VL2Config, specs: dict) -> VL2Model:
     """The model's front alone (vision tower, projector, the two separator rows), its language model left on
     the meta device: what the vision export and the sample's image rows need."""
-    with torch.device("meta"):
-        front = VL2Model(config)
+    front = on_meta(VL2Model, config)
     for prefix, part in (("vision.", front.vision), ("projector.", front.projector)):
         load_part(ck, part, prefix, specs)
     front.load_state_dict({n: ck.torch(n, dtype=torch.float32) for n in ("image_newline", "view_seperator")},
@@ -72,9 +71,7 @@ def _embeddings(ck, config: VL2Config, inputs, image_rows: torch.Tensor, out: Pa
     VL2Model.embed does) and the decode steps' [1, 1, D]; writes embed_tokens.npy. Loaded after the vision
     tower is gone, so the two are never in memory together."""
     lc = config.language_config
-    with torch.device("meta"):
-        table = nn.Embedding(lc.vocab_size, lc.hidden_size)
-    load_part(ck, table, "language.model.embed_tokens.", {})
+    table = load_part(ck, on_meta(nn.Embedding, lc.vocab_size, lc.hidden_size), "language.model.embed_tokens.", {})
     with torch.inference_mode():
         embeds = table(torch.from_numpy(np.asarray(inputs.input_ids, dtype=np.int64)))
         embeds[torch.from_numpy(np.asarray(inputs.images_seq_mask, dtype=bool))] = image_rows
@@ -85,24 +82,15 @@ def _embeddings(ck, config: VL2Config, inputs, image_rows: torch.Tensor, out: Pa
 
 def _verify_vision(dst: Path, graphs: dict, features: np.ndarray, tiles: np.ndarray, threads: int) -> dict:
     """Each vision graph's features on the sample's tiles against the torch tower's, and the int8 gate."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    # no prepacked copy of the weights: the float tower is 1.7 GB at full size, and its prepacked copy
-    # would set the export's peak (the features differ from the prepacked run's by rounding only)
-    opts.add_session_config_entry("session.disable_prepacking", "1")
-    out: dict = {}
-    feats = {name: ort.InferenceSession(str(dst / g["file"]), opts, providers=["CPUExecutionProvider"])
-             .run(None, {"pixel_values": tiles})[0] for name, g in graphs.items() if name.startswith("vision")}
-    for name, got in feats.items():
-        out[name] = errors(got, features)
+    feats = {name: check_session(dst / g["file"], threads, prepack=False).run(None, {"pixel_values": tiles})[0]
+             for name, g in graphs.items() if name.startswith("vision")}
+    out: dict = {name: errors(got, features) for name, got in feats.items()}
     if "vision_int8" in feats:  # the gate: against the float graph (the torch features where it was not kept)
         out["vision_int8_gate"] = feature_gate(feats["vision_int8"], feats.get("vision", features))
     return out
 
 
-def _verify_decoder(dst: Path, sample: Sample, attention_mask: np.ndarray, chunk: int, logits: list[np.ndarray],
+def _verify_decoder(dst: Path, sample: Sample, attention_mask: np.ndarray, logits: list[np.ndarray],
                     threads: int) -> dict:
     """The whole decoder graph on onnxruntime, driven as the runtime drives it (chunked prefill, two decode
     steps), against the torch logits of the same three steps."""
@@ -111,7 +99,7 @@ def _verify_decoder(dst: Path, sample: Sample, attention_mask: np.ndarray, chunk
     model = OnnxModel(dst, threads=threads, cache_sessions=False)  # no optimized-graph cache for a temporary
     embeds = np.concatenate(sample.segments[:2], 1)
     cache = model.new_cache(1, embeds.shape[1] + 2)
-    got = [prefill(model, embeds, attention_mask, cache, chunk_size=chunk)]
+    got = [prefill(model, embeds, attention_mask, cache, chunk_size=sample.segments[0].shape[1])]
     got += [model.decode(np.array([t]), cache) for t in SAMPLE_TOKENS]
     return errors(np.concatenate(got), np.concatenate(logits))
 
@@ -229,10 +217,9 @@ def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: st
     del front  # the vision tower: the embedding table, then the decoder's layers one at a time, come next
     gc.collect()
     embeds, decode_embeds = _embeddings(ck, config, inputs, image_rows, out)
-    chunk = embeds.shape[1] - 7
     gc.collect()
     step("decoder")
-    sample = Sample.of(embeds, chunk, decode_embeds)
+    sample = Sample.of(embeds, embeds.shape[1] - 7, decode_embeds)
     dec = export_decoder_streaming(ck, lc, specs, kernels, quant is None, out / "decoder.onnx", sample,
                                    routing=routing_outputs, threads=threads, progress=step)
     graphs["decoder"] = dec.graph
@@ -263,7 +250,7 @@ def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: st
     verification = _verify_vision(out, graphs, features, tiles, threads)
     layers = {"rel_l2": max(r["rel_l2"] for r in dec.layers), "head": dec.tail, "layers": dec.layers}
     if dec.data_bytes <= END_TO_END_MAX:
-        verification["decoder"] = _verify_decoder(out, sample, inputs.attention_mask, chunk, dec.logits[1:], threads)
+        verification["decoder"] = _verify_decoder(out, sample, inputs.attention_mask, dec.logits[1:], threads)
     else:
         worst = max([*dec.layers, dec.tail], key=lambda r: r["rel_l2"])
         verification["decoder"] = {k: worst[k] for k in ("max_abs", "max_abs_rel", "rel_l2")} | {

@@ -149,12 +149,16 @@ class DecoderReport:
     data_bytes: int = 0
 
 
-def _session(path: Path, threads: int):
+def check_session(path: Path, threads: int, prepack: bool = True):
+    """An onnxruntime CPU session for the export's checks. prepack=False: no prepacked copy of the weights
+    (a 1.7 GB float vision tower's copy would set the export's peak; the results differ by rounding only)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -192,7 +196,7 @@ def export_decoder_streaming(ck: Checkpoint, lc: LanguageConfig, specs: dict[str
                              ["inputs_embeds", "attention_mask"], MASK_NAMES, dyn)
         writer.add(proto, "head/", {n: n for n in ["inputs_embeds", "attention_mask", *MASK_NAMES]},
                    inputs=("inputs_embeds", "attention_mask"))
-        head = _session(path, threads)
+        head = check_session(path, threads)
         attn = [dict(zip(MASK_NAMES, head.run(None, {"inputs_embeds": s.astype(np.float32), "attention_mask": m})))
                 for s, m in zip(sample.segments, masks)]
         del head, proto
@@ -200,7 +204,7 @@ def export_decoder_streaming(ck: Checkpoint, lc: LanguageConfig, specs: dict[str
         for i in range(L):
             if progress:
                 progress(f"decoder layer {i + 1}/{L}")
-            layer = load_part(ck, _meta(DecoderLayer, lc, i), f"language.model.layers.{i}.", specs)
+            layer = load_part(ck, on_meta(DecoderLayer, lc, i), f"language.model.layers.{i}.", specs)
             ref = _run_layer(layer, lc, hidden, masks)
             prepare(layer, lc, kernels, plain=plain)
             report.moe |= isinstance(layer.mlp, ExportMoE)
@@ -215,7 +219,7 @@ def export_decoder_streaming(ck: Checkpoint, lc: LanguageConfig, specs: dict[str
                                  f"layer{i}", ["hidden", *MASK_NAMES, *mine_past],
                                  ["hidden_out", *mine_present, *rout], dyn)
             del layer
-            got = _run_layer_onnx(_session(path, threads), hidden, attn, mine_past, mine_present, layout)
+            got = _run_layer_onnx(check_session(path, threads), hidden, attn, mine_past, mine_present, layout)
             report.layers.append({"layer": i, **errors(np.concatenate(got, 1), np.concatenate(ref, 1))})
             writer.add(proto, f"layers.{i}/", {"hidden": f"hidden.{i}" if i else "inputs_embeds",
                                               "hidden_out": f"hidden.{i + 1}"}
@@ -226,13 +230,13 @@ def export_decoder_streaming(ck: Checkpoint, lc: LanguageConfig, specs: dict[str
             hidden = [torch.from_numpy(h) for h in ref]
         if progress:
             progress("decoder head")
-        tail = load_part(ck, _meta(TailGraph, lc), "language.", specs, only=("language.model.norm.",
+        tail = load_part(ck, on_meta(TailGraph, lc), "language.", specs, only=("language.model.norm.",
                                                                                    "language.lm_head."))
         report.logits = tail.reference(hidden)
         prepare(tail, lc, kernels, plain=plain)
         proto, path = trace_piece(tail, (torch.randn(B, T, D),), tmp, "tail", ["hidden"], ["logits"], dyn)
         del tail
-        got = [_session(path, threads).run(None, {"hidden": h.numpy()})[0] for h in hidden]
+        got = [check_session(path, threads).run(None, {"hidden": h.numpy()})[0] for h in hidden]
         report.tail = errors(np.concatenate(got), np.concatenate(report.logits))
         writer.add(proto, "head_out/", {"hidden": f"hidden.{L}", "logits": "logits"}, outputs=("logits",))
         del proto
@@ -244,7 +248,7 @@ def export_decoder_streaming(ck: Checkpoint, lc: LanguageConfig, specs: dict[str
     return report
 
 
-def _meta(cls: type[Piece], *args) -> Piece:
+def on_meta(cls: type[Piece], *args) -> Piece:
     """`cls(*args)` on the meta device: the module's structure, no memory (load_part gives it its weights)."""
     with torch.device("meta"):
         return cls(*args)
