@@ -5,6 +5,7 @@ output exists are skipped, so a killed run resumes.
 
     .venv/bin/python bench/full_size.py --preset deepseek-vl2-tiny --root /work/fullsize [--runs 3]
     .venv/bin/python bench/full_size.py --preset deepseek-vl2-small --root /work/fullsize --torch
+    .venv/bin/python bench/full_size.py --preset deepseek-vl2 --root /work/fullsize --generated
 
 Decode is set against the bandwidth roofline: the bytes the export reads per token (`vl2edge.info.sizes`
 per_token of the recipe) over this machine's quiet read bandwidth (--bandwidth GB/s, measured apart).
@@ -73,6 +74,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--torch", action="store_true", help="also `--backend torch --quant int4-experts`")
     ap.add_argument("--bandwidth", type=float, default=None, help="quiet read bandwidth, GB/s")
+    ap.add_argument("--generated", action="store_true",
+                    help="a generated checkpoint (values made when read; Base's 55 GB need not fit the disk)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from vl2edge.info import sizes
@@ -89,7 +92,8 @@ def main() -> None:
         if not p.exists():
             sample_image(w, h).save(p)
     if not (ck / "config.json").exists():
-        r = timed([PY, "-m", "vl2edge.synthetic", "--preset", a.preset, "--out", str(ck), "--dtype", "bfloat16"],
+        r = timed([PY, "-m", "vl2edge.synthetic", "--preset", a.preset, "--out", str(ck), "--dtype", "bfloat16",
+                   *(["--generated"] if a.generated else [])],
                   logs / "write.log")
         row(preset=a.preset, step="write checkpoint", **r)
     if not (onnx / "manifest.json").exists():

@@ -53,6 +53,15 @@ def test_a_changed_checkpoint_gets_a_new_entry(cache, tmp_path):
     assert entry_for(src) != before
 
 
+def test_a_generated_checkpoint_with_another_seed_gets_a_new_entry(cache, tmp_path):
+    from vl2edge import synthetic
+
+    src = synthetic.write_model("test-mha", tmp_path / "g", generated=True, seed=1)
+    before = entry_for(src)
+    synthetic.write_model("test-mha", src, generated=True, seed=2)
+    assert entry_for(src) != before
+
+
 def test_an_entry_that_does_not_verify_is_rebuilt(cache, tmp_path, capsys):
     src = shutil.copytree(TINY, tmp_path / "m")
     vl2edge.load(src, device="cpu")

@@ -84,3 +84,50 @@ def test_bf16_weights_are_the_rounded_float32_weights(tmp_path):
     x, y = a.numpy("language.lm_head.weight"), b.numpy("language.lm_head.weight")
     assert np.abs(x - y).max() <= np.abs(x).max() / 128 and np.array_equal(bf16_to_f32(b.files[b.where[
         "language.lm_head.weight"]].raw("language.lm_head.weight")), y)
+
+
+@pytest.mark.parametrize("name,dtype", [("test-mla", "bfloat16"), ("test-mha", "float32")])
+def test_a_generated_checkpoint_reads_as_the_written_one(tmp_path, name, dtype):
+    written = Checkpoint.open(synthetic.write_model(name, tmp_path / "w", dtype=dtype, seed=3))
+    gen_dir = synthetic.write_model(name, tmp_path / "g", dtype=dtype, seed=3, generated=True)
+    assert not list(gen_dir.glob("*.safetensors"))
+    generated = Checkpoint.open(gen_dir)
+    assert generated.keys() == written.keys() and generated.nbytes() == written.nbytes()
+    for k in written.keys():
+        assert (generated.dtype(k), generated.shape(k)) == (written.dtype(k), written.shape(k))
+        assert np.array_equal(generated.numpy(k), written.numpy(k)), k
+        assert np.array_equal(generated.numpy(k, rows=slice(1, 3)), written.numpy(k, rows=slice(1, 3))), k
+    assert np.array_equal(generated.torch("image_newline").float().numpy(), written.numpy("image_newline"))
+
+
+def test_a_generated_checkpoint_keeps_one_tensor_at_a_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic, "CHUNK_ELEMENTS", 1 << 16)
+    cfg = tiny("mha").replace(language_config={"vocab_size": 65536, "hidden_size": 256},
+                              projector_config={"n_embed": 256})
+    ck = Checkpoint.open(synthetic.write_model(cfg, tmp_path, dtype="bfloat16", generated=True))
+    table = 65536 * 256 * 2  # the bf16 embedding table, 32 MiB
+    tracemalloc.start()
+    for k in ck.keys():
+        ck.numpy(k, rows=slice(0, 1))
+        ck.release(k)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 1.5 * table, f"peak {peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("marker", [
+    '{"generator": "other", "seed": 0, "dtype": "BF16"}',
+    '{"generator": "vl2edge.synthetic", "seed": -1, "dtype": "BF16"}',
+    '{"generator": "vl2edge.synthetic", "seed": 0, "dtype": "I8"}',
+    '{"generator": "vl2edge.synthetic", "seed": 0',
+    '[]',
+])
+def test_a_bad_generated_marker_is_one_line_and_exit_2(tmp_path, marker):
+    gen_dir = synthetic.write_model("test-mha", tmp_path / "g", generated=True)
+    (gen_dir / synthetic.GENERATED_NAME).write_text(marker)
+    r = subprocess.run([sys.executable, "-m", "vl2edge", "export", "--model", str(gen_dir), "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.replace("\r", "\n").splitlines() if "error:" in line]
+    assert len(errors) == 1 and synthetic.GENERATED_NAME in errors[0], r.stderr
+    assert not (tmp_path / "out").exists()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .artifact import MANIFEST, is_onnx_dir, read_manifest, sha256
 from .errors import VL2Error
+from .synthetic import GENERATED_NAME
 
 RECIPE = "int4-experts"
 SMALL_FILE = 64 * 2**20  # files below this are checked by sha256 on every use; larger ones by size
@@ -50,7 +51,7 @@ def cache_key(src: Path) -> str:
     h.update(f"{src.resolve()}\0{RECIPE}\0{__version__}\0".encode())
     h.update((src / "config.json").read_bytes())
     for f in sorted(src.iterdir()):
-        if f.name.endswith((".safetensors", ".safetensors.index.json")):
+        if f.name.endswith((".safetensors", ".safetensors.index.json")) or f.name == GENERATED_NAME:
             st = f.stat()
             h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     return h.hexdigest()[:16]

@@ -53,6 +53,9 @@ this receipt? Which bar is the tallest? Read the title of the page. Locate the p
 """
 
 CHUNK_ELEMENTS = 1 << 24  # 16M values per generated chunk: 64 MB of float32 at most in flight
+# A generated checkpoint: this file instead of safetensors; Checkpoint.open reads it through GeneratedFile
+GENERATED_NAME = "generated-weights.json"
+GENERATOR = "vl2edge.synthetic"
 
 
 def build_tokenizer(vocab_size: int = 512):
@@ -98,29 +101,80 @@ def _scale(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
     return 0.0, 1.0 / math.sqrt(fan_in)
 
 
+def tensor_chunks(name: str, shape: tuple[int, ...], dtype: str, seed: int) -> Iterator[np.ndarray]:
+    """One tensor's values in row chunks (C order), seeded from (seed, name): any tensor is reproducible
+    on its own, whether written to a file or generated when read (GeneratedFile)."""
+    mean, std = _scale(name, shape)
+    rng = np.random.Generator(np.random.PCG64([seed, zlib.crc32(name.encode())]))
+    rows = shape[0] if shape else 1
+    per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    for r in range(0, rows, step):
+        n = min(step, rows - r) * per_row
+        x = rng.standard_normal(n, dtype=np.float32)
+        x *= np.float32(std)
+        x += np.float32(mean)
+        yield f32_to_bf16(x) if dtype == "BF16" else x.astype(STORAGE[dtype], copy=False)
+
+
 def random_chunks(config: VL2Config, dtype: str, seed: int) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, chunk) for every tensor in order; each tensor seeded from (seed, name), so any subset is
-    reproducible on its own."""
+    """(name, chunk) for every tensor of the model, in order."""
     for name, shape in config.tensor_shapes().items():
-        mean, std = _scale(name, shape)
-        rng = np.random.Generator(np.random.PCG64([seed, zlib.crc32(name.encode())]))
-        rows = shape[0] if shape else 1
-        per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
-        step = max(1, CHUNK_ELEMENTS // per_row)
-        for r in range(0, rows, step):
-            n = min(step, rows - r) * per_row
-            x = rng.standard_normal(n, dtype=np.float32)
-            x *= np.float32(std)
-            x += np.float32(mean)
-            yield name, (f32_to_bf16(x) if dtype == "BF16" else x.astype(STORAGE[dtype], copy=False))
+        for chunk in tensor_chunks(name, shape, dtype, seed):
+            yield name, chunk
+
+
+class GeneratedFile:
+    """The tensors of a generated checkpoint, made from (seed, name) when read: what `write_model` would
+    have written, byte for byte, for models too big for the disk (full-size Base). Same interface as
+    weights.SafetensorsFile (`entries`, `metadata`, `raw`, `release`), so everything that reads a
+    checkpoint reads this one the same way. The last tensor made is kept until `release` or the next one
+    (row-chunked readers slice the same tensor several times)."""
+
+    def __init__(self, root: Path):
+        from . import schema
+        from .errors import CheckpointError
+
+        self.path = root / GENERATED_NAME
+        where = str(self.path)
+        spec = schema.Fields(schema.load_file(self.path), where, CheckpointError)
+        if spec.text("generator", max_len=64) != GENERATOR:
+            raise CheckpointError(f"{where}: generator {spec.obj.get('generator')!r} is not {GENERATOR!r}")
+        self.seed = schema.as_int(spec.obj.get("seed"), f"{where}: seed", 0, 2**63 - 1, CheckpointError)
+        self.dtype = spec.text("dtype", max_len=8)
+        if self.dtype not in ("F32", "BF16", "F16"):
+            raise CheckpointError(f"{where}: dtype {self.dtype!r} is not one of F32, BF16, F16")
+        config = VL2Config.from_pretrained(root)
+        size = np.dtype(STORAGE[self.dtype]).itemsize
+        self.entries = {name: (self.dtype, shape, 0, math.prod(shape) * size)
+                        for name, shape in config.tensor_shapes().items()}
+        self.metadata = {"format": "pt"}
+        self._last: tuple[str, np.ndarray] | None = None
+
+    def raw(self, name: str) -> np.ndarray:
+        if self._last is None or self._last[0] != name:
+            self._last = None  # the previous tensor goes before the next is made
+            shape = self.entries[name][1]
+            out = np.empty(math.prod(shape), STORAGE[self.dtype])
+            at = 0
+            for chunk in tensor_chunks(name, shape, self.dtype, self.seed):
+                out[at:at + chunk.size] = chunk
+                at += chunk.size
+            self._last = (name, out.reshape(shape))
+        return self._last[1]
+
+    def release(self, name: str) -> None:
+        if self._last is not None and self._last[0] == name:
+            self._last = None
 
 
 def write_model(config: VL2Config | str, out, *, dtype: str = "float32", seed: int = 0,
-                max_shard_bytes: int | None = None, progress: bool = False) -> Path:
+                max_shard_bytes: int | None = None, progress: bool = False, generated: bool = False) -> Path:
     """Write a complete random-weight model directory; returns its path.
 
     Checkpoints over 64 MiB are sharded like the official repos (8 GiB shards + index) unless
-    `max_shard_bytes` says otherwise.
+    `max_shard_bytes` says otherwise. generated: write GENERATED_NAME instead of the tensors (a few
+    hundred bytes for any size; the same values, made when read: GeneratedFile).
     """
     if isinstance(config, str):
         config = preset(config)
@@ -136,6 +190,9 @@ def write_model(config: VL2Config | str, out, *, dtype: str = "float32", seed: i
          "patch_size": config.vision_config.patch_size,
          "downsample_ratio": config.projector_config.downsample_ratio}, indent=2))
     write_tokenizer(out, min(config.language_config.vocab_size, 512))
+    if generated:
+        (out / GENERATED_NAME).write_text(json.dumps({"generator": GENERATOR, "seed": seed, "dtype": st}, indent=2))
+        return out
     specs = {k: (st, s) for k, s in config.tensor_shapes().items()}
     total = sum(math.prod(s) for s in config.tensor_shapes().values()) * np.dtype(STORAGE[st]).itemsize
     if max_shard_bytes is None and total > 64 * 2**20:
@@ -181,12 +238,15 @@ def main(argv=None) -> None:
                     help="default: bfloat16 for the official sizes (like the released files), float32 otherwise")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sample-image", metavar="PNG", help="also write the demo picture here")
+    ap.add_argument("--generated", action="store_true",
+                    help=f"write {GENERATED_NAME} instead of the weights: the same values, made when read "
+                         "(full-size models on a small disk)")
     a = ap.parse_args(argv)
     dtype = a.dtype or ("float32" if a.preset.startswith("test-") else "bfloat16")
-    out = write_model(a.preset, a.out, dtype=dtype, seed=a.seed, progress=True)
+    out = write_model(a.preset, a.out, dtype=dtype, seed=a.seed, progress=True, generated=a.generated)
     if a.sample_image:
         sample_image().save(a.sample_image)
-    print(f"wrote {a.preset} ({dtype}, random weights) to {out}")
+    print(f"wrote {a.preset} ({dtype}, random weights{', generated when read' if a.generated else ''}) to {out}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -152,10 +152,23 @@ def _weight_map(index: Path) -> dict[str, str]:
     return out
 
 
+class TensorFile(Protocol):
+    """What a checkpoint reads tensors from: a SafetensorsFile, or a synthetic.GeneratedFile (values made
+    when read). entries: name -> (dtype, shape, begin, end)."""
+
+    path: Path
+    metadata: dict
+    entries: dict[str, tuple[str, tuple[int, ...], int, int]]
+
+    def raw(self, name: str) -> np.ndarray: ...
+
+    def release(self, name: str) -> None: ...
+
+
 class Checkpoint:
     """All weights of a model directory, read lazily. `numpy(name)` / `torch(name)` return one tensor."""
 
-    def __init__(self, files: dict[str, SafetensorsFile], where: dict[str, str], root: Path):
+    def __init__(self, files: dict[str, TensorFile], where: dict[str, str], root: Path):
         self.files, self.where, self.root = files, where, root
 
     @classmethod
@@ -166,6 +179,11 @@ class Checkpoint:
             return cls({root.name: f}, {k: root.name for k in f.entries}, root.parent)
         if not root.is_dir():
             raise CheckpointError(f"no such model directory: {root}")
+        from .synthetic import GENERATED_NAME, GeneratedFile
+
+        if (root / GENERATED_NAME).is_file():
+            g = GeneratedFile(root)
+            return cls({GENERATED_NAME: g}, {k: GENERATED_NAME for k in g.entries}, root)
         index = root / INDEX_NAME
         if index.is_file():
             weight_map = _weight_map(index)
