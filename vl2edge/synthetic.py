@@ -155,7 +155,7 @@ class GeneratedFile:
         if self._last is None or self._last[0] != name:
             self._last = None  # the previous tensor goes before the next is made
             shape = self.entries[name][1]
-            out = np.empty(math.prod(shape), STORAGE[self.dtype])
+            out: np.ndarray = np.empty(math.prod(shape), STORAGE[self.dtype])
             at = 0
             for chunk in tensor_chunks(name, shape, self.dtype, self.seed):
                 out[at:at + chunk.size] = chunk

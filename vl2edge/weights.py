@@ -190,7 +190,7 @@ class Checkpoint:
             missing = sorted({s for s in weight_map.values() if not (root / s).is_file()})
             if missing:
                 raise CheckpointError(f"{root}: shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing)}")
-            files = {s: SafetensorsFile(root / s) for s in sorted(set(weight_map.values()))}
+            files: dict[str, TensorFile] = {s: SafetensorsFile(root / s) for s in sorted(set(weight_map.values()))}
             for name, shard in weight_map.items():
                 if name not in files[shard].entries:
                     raise CheckpointError(f"{root}: {INDEX_NAME} puts {name!r} in {shard}, which does not hold it")
@@ -209,7 +209,7 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
-    def _entry(self, name: str) -> tuple[SafetensorsFile, tuple]:
+    def _entry(self, name: str) -> tuple[TensorFile, tuple]:
         try:
             f = self.files[self.where[name]]
         except KeyError:
