@@ -56,9 +56,18 @@ def _none(g):
     return symbolic_helper._optional_input_placeholder_tensor(g)
 
 
+def _shape_only(x: torch.Tensor, n: int) -> torch.Tensor | None:
+    """While tracing, a contrib op's twin needs to give the tracer only its output's shape ([..., n]):
+    zeros instead of the product, so the export never holds a dequantized matrix (Tiny's lm_head as
+    float32 is 662 MB) nor spends the time. None outside tracing (the twin computes)."""
+    return x.new_zeros(*x.shape[:-1], n) if torch.jit.is_tracing() else None
+
+
 class MatMulNBitsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qweight, scales, qzeros, K: int, N: int, bits: int, block_size: int, acc: int):
+        if (traced := _shape_only(x, N)) is not None:
+            return traced
         spec = QuantSpec(bits, block_size, qzeros is None)
         return x @ dequantize(spec, qweight, scales, qzeros, K=K).T
 
@@ -83,6 +92,8 @@ class Int8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, wq_t, ws, eps: float):
+        if (traced := _shape_only(x, wq_t.shape[1])) is not None:
+            return traced
         s = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=eps)
         q = torch.round(x / s).clamp(-128, 127)
         return (q @ wq_t.float()) * s * ws
@@ -128,6 +139,8 @@ class QMoEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, choice, weights, fc1, fc1_s, fc1_z, fc2, fc2_s, fc2_z, k: int, normalize: int, bits: int,
                 block_size: int, acc: int, inter: int):
+        if (traced := _shape_only(x, x.shape[-1])) is not None:
+            return traced
         idx = torch.topk(choice, k, dim=-1)[1]
         w = weights.gather(1, idx)
         if normalize:
