@@ -193,6 +193,59 @@ def test_a_failing_prompt_or_step_fails_its_answers_only(torch_models):
         engine.close()
 
 
+class FailingConstraint:
+    """A grammar that refuses every token from its `at`-th choice on (1: the answer's first token)."""
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+
+    def mask(self, logits):
+        self.calls += 1
+        if self.calls >= self.at:
+            raise InputError(f"no token allowed at choice {self.at}")
+        return logits
+
+    def consume(self, token):
+        pass
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_row_that_fails_at_any_choice_ends_alone_and_frees_its_place(torch_models, seed):
+    """Rows whose choice fails (first token or any later step, random ones) end with their own error while
+    the others in the same steps go on; more failures than places never wedge the engine."""
+    model = torch_models["tiny"]
+    rng = np.random.default_rng(seed)
+    prompts = _prompts(model)
+    alone = {i: _single(model, prompts[i], 8) for i in (0, 2)}
+    engine = Engine(model, max_batch=2, max_len=96, chunk_size=int(rng.integers(4, 40)))
+    try:
+        tickets = []
+        for k in range(5):  # more failing rows than places, between good ones
+            at = int(rng.integers(1, 6))
+            seq = Sequence(max_new_tokens=8, eos_id=None, constraint=FailingConstraint(at))
+            tickets.append((at, engine.submit(lambda e=prompts[k % 4]: e, prompts[k % 4].shape[1], seq)))
+            if k % 2:
+                i = (0, 2)[k % 4 // 2]
+                tickets.append((None, engine.submit(lambda e=prompts[i]: e, prompts[i].shape[1],
+                                                    Sequence(max_new_tokens=8, eos_id=None)), i))
+        for entry in tickets:
+            at, ticket = entry[0], entry[1]
+            got: list[int] = []
+            if at is None:
+                got.extend(ticket)
+                assert got == alone[entry[2]]
+                continue
+            with pytest.raises(InputError, match=f"choice {at}"):
+                for tok in ticket:
+                    got.append(tok)
+            assert len(got) == at - 1
+        assert not engine.running and engine.joining is None
+        last = engine.submit(lambda: prompts[0], prompts[0].shape[1], Sequence(max_new_tokens=8, eos_id=None))
+        assert list(last) == alone[0]
+    finally:
+        engine.close()
+
+
 def test_a_prompt_longer_than_a_slot_is_refused(torch_models):
     model = torch_models["tiny"]
     engine = Engine(model, max_batch=1, max_len=32)

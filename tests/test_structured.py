@@ -127,14 +127,33 @@ def test_cli_bad_schema_files_exit_2_with_one_line(tmp_path, content, fragment):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_a_plan_that_cannot_finish_is_measured_once(pipes, monkeypatch):
-    """A schema whose shortest answer is longer than any plan (a 20000-character string): the closing plan is
-    simulated once, found hopeless and not re-simulated every few tokens (each costs a vocabulary-wide mask)."""
-    from vl2edge.structured import JsonConstraint
+UNSATISFIABLE = [
+    {"type": "integer", "minimum": 5, "maximum": 3},
+    {"type": "string", "minLength": 20000},
+    {"type": "array", "minItems": 3, "maxItems": 1},
+    {"enum": []},
+    {"not": {}},
+    {"allOf": [{"type": "string"}, {"type": "integer"}]},
+    {"type": "object", "required": ["a"], "properties": {"a": {"$ref": "#"}}},  # every value holds itself
+    {"type": "object", "required": ["a"], "properties": {"a": False}},
+]
 
-    calls = []
-    real = JsonConstraint._measure
-    monkeypatch.setattr(JsonConstraint, "_measure", lambda self: calls.append(1) or real(self))
-    fmt = JsonFormat.from_schema({"type": "string", "minLength": 20000})
-    res = _ask(pipes["torch"], fmt, max_new_tokens=60, temperature=1.0, seed=0)
-    assert res.finish_reason == "length" and len(calls) == 1 and res.text.startswith('"')
+
+@pytest.mark.parametrize("schema", UNSATISFIABLE, ids=range(len(UNSATISFIABLE)))
+def test_a_schema_no_value_satisfies_is_refused_before_the_answer(pipes, schema):
+    """No first token, or no end within the plan: one line, an InputError (HTTP 400, exit 2) before any token."""
+    try:
+        fmt = JsonFormat.from_schema(schema)
+    except InputError:
+        return  # the library refuses it at compile time: refused up front too
+    with pytest.raises(InputError, match="response format") as err:
+        _ask(pipes["onnx"], fmt, max_new_tokens=60)
+    assert "\n" not in str(err.value)
+
+
+def test_an_answer_longer_than_the_budget_is_refused_and_one_that_fits_closes(pipes):
+    fmt = JsonFormat.from_schema({"type": "array", "minItems": 12, "items": {"type": "integer"}})
+    with pytest.raises(InputError, match="more than the 8 allowed"):
+        _ask(pipes["torch"], fmt, max_new_tokens=8)
+    res = _ask(pipes["torch"], fmt, max_new_tokens=80, temperature=1.0, seed=0)
+    assert len(json.loads(res.text)) >= 12 and res.finish_reason == "stop"

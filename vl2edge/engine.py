@@ -172,26 +172,36 @@ class Engine:
         if end < t.length:
             return
         self.joining = None
-        t._emit(t.sequence.next(logits))
-        if t.sequence.finished:
+        error = self._choose(t, logits)
+        if error is not None or t.sequence.finished:
             self.decoder.clear_row(self.cache, row)
-            t._end()
+            t._end(error)
         else:
             self.running.append(t)
+
+    @staticmethod
+    def _choose(t: Ticket, logits) -> Exception | None:
+        """Row `t` chooses its next token from its logits [1, V]; what goes wrong (its grammar refusing every
+        token, a sampling parameter) is that row's failure, returned for it to end with, not the batch's."""
+        try:
+            t._emit(t.sequence.next(logits))
+        except Exception as e:
+            return e
+        return None
 
     def _decode_step(self) -> None:
         tokens = np.array([t.last for t in self.running], dtype=np.int64)
         logits = self.decoder.decode_rows(tokens, self.cache)
         self.steps += 1
         self.rows_decoded += len(tokens)
-        for i, t in enumerate(self.running):
-            t._emit(t.sequence.next(logits[i:i + 1]))
+        failed = {i: e for i, t in enumerate(self.running) if (e := self._choose(t, logits[i:i + 1])) is not None}
         for i in reversed(range(len(self.running))):
-            if self.running[i].sequence.finished:
-                self._leave(i)
+            if i in failed or self.running[i].sequence.finished:
+                self._leave(i, failed.get(i))
 
-    def _leave(self, i: int) -> None:
-        """Row i's answer ends: the last running row moves into its place, a joining prompt follows it down."""
+    def _leave(self, i: int, error: Exception | None = None) -> None:
+        """Row i's answer ends (with `error` when it failed): the last running row moves into its place, a
+        joining prompt follows it down."""
         last = len(self.running) - 1
         ticket = self.running[i]
         if i != last:
@@ -202,7 +212,7 @@ class Engine:
         self.running.pop()
         if self.joining is not None:
             self.decoder.move_row(self.cache, last + 1, last)
-        ticket._end()
+        ticket._end(error)
 
     def _fail_all(self, error: Exception) -> None:
         failed = [*self.running, *([self.joining] if self.joining is not None else [])]

@@ -143,8 +143,15 @@ class JsonConstraint:
         self.bits = llg.numpy.allocate_token_bitmask(1, vocab.outside.shape[0])
         self.string = (False, False)  # (inside a string, after a backslash) at the end of the answer so far
         self.closing = False
-        self.plan_len: int | None = None
-        self.since_check = CHECK_EVERY
+        # the plan from the start: a schema no value satisfies (no first token, or no end) or whose shortest
+        # answer the plan finds is longer than the budget is refused here, before the answer takes a place
+        self.plan_len, self.since_check = self._measure(), 0
+        if self.plan_len > MAX_PLAN:
+            raise InputError(f"the response format accepts no JSON value this model can write in {MAX_PLAN} tokens "
+                             "(a schema nothing satisfies, or only very long values)")
+        if self.plan_len > budget:
+            raise InputError(f"the response format's shortest answer takes {self.plan_len} tokens, more than the "
+                             f"{budget} allowed (max_tokens)")
 
     def _allowed(self, matcher) -> np.ndarray:
         """bool [V]: the tokens the grammar allows next."""
@@ -176,7 +183,7 @@ class JsonConstraint:
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """logits [1, V] -> the same with every token the grammar (or the closing plan) excludes at -inf."""
         allowed = self._allowed(self.matcher)
-        hopeless = self.plan_len is not None and self.plan_len > MAX_PLAN  # never re-simulated: too costly
+        hopeless = self.plan_len > MAX_PLAN  # never re-simulated: too costly
         if not self.closing and not hopeless and self.since_check >= CHECK_EVERY:
             self.plan_len, self.since_check = self._measure(), 0
             # the plan may grow before the next measurement: close with NEAR x its length (+ slack) left
