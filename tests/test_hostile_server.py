@@ -496,3 +496,96 @@ def test_no_json_ish_body_gets_a_5xx(client, root, body, ascii_only):
     assert r.status_code < 500, r.text
     if r.status_code >= 400:
         assert r.json()["error"]["message"]
+
+
+# -- clients that stall: a body that never finishes arriving, an answer nobody reads -----------------------
+
+SCOPE = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+         "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+         "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 9),
+         "server": ("127.0.0.1", 80)}
+
+
+async def _call(app, body: bytes, stall_after: int | None = None, read_events: int | None = None) -> dict:
+    """One request: its body sent in 7-byte pieces, the client going silent after `stall_after` of them; the
+    response read until `read_events` body messages (then the client stops reading). -> status, body, events."""
+    pieces = [body[i:i + 7] for i in range(0, len(body), 7)]
+    got = {"status": None, "body": b"", "events": 0}
+    sent = [0]
+
+    async def receive():
+        if pieces and sent[0] == stall_after:
+            await asyncio.sleep(3600)  # silent: neither more body nor a hang-up
+        if pieces:
+            sent[0] += 1
+            return {"type": "http.request", "body": pieces.pop(0), "more_body": bool(pieces)}
+        await asyncio.sleep(3600)  # the body is in; the connection stays open
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            got["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            if read_events is not None and got["events"] >= read_events:
+                await asyncio.sleep(3600)  # the client stopped reading: the socket's buffer is full
+            got["events"] += 1
+            got["body"] += message.get("body", b"")
+
+    await asyncio.wait_for(app(dict(SCOPE), receive, send), 30)
+    return got
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_stalled_bodies_get_408_and_hold_no_queue_place(pipe, seed):
+    """More stalled clients than queue places, stalling at random points of their bodies: each gets 408 once
+    its time is up, none ever counts as waiting, and a normal request meanwhile is answered."""
+    rng = random.Random(seed)
+    app = create_app(pipe, max_queue=2, limits=Limits(request_timeout_s=1.0, max_output_tokens=4))
+    body = json.dumps(OK).encode()
+
+    async def scenario():
+        stalled = [asyncio.ensure_future(_call(app, body, stall_after=rng.randrange(0, len(body) // 7)))
+                   for _ in range(5)]
+        await asyncio.sleep(0.2)
+        assert app.state.counters["waiting"] == 0 and app.state.counters["arriving"] == 5
+        normal = await _call(app, body)
+        return normal, await asyncio.gather(*stalled)
+
+    normal, stalled = asyncio.run(scenario())
+    assert normal["status"] == 200 and json.loads(normal["body"])["usage"]["completion_tokens"] == 1
+    for got in stalled:
+        assert got["status"] == 408 and "did not arrive within 1 s" in json.loads(got["body"])["error"]["message"]
+    assert app.state.counters["waiting"] == app.state.counters["arriving"] == 0
+
+
+def test_too_many_bodies_arriving_at_once_get_429(pipe):
+    app = create_app(pipe, limits=Limits(request_timeout_s=0.5, max_arriving=2))
+    body = json.dumps(OK).encode()
+
+    async def scenario():
+        slow = [asyncio.ensure_future(_call(app, body, stall_after=1)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        third = await _call(app, body, stall_after=1)
+        return third, await asyncio.gather(*slow)
+
+    third, slow = asyncio.run(scenario())
+    assert third["status"] == 429 and "2 requests arriving" in json.loads(third["body"])["error"]["message"]
+    assert [g["status"] for g in slow] == [408, 408]
+
+
+def test_a_stream_nobody_reads_is_cancelled_and_frees_its_place(pipe):
+    """A streaming client that stops reading after the first event: its answer ends after send_timeout_s, its
+    place on the model comes back and the next request is served."""
+    app = create_app(pipe, max_queue=1, limits=Limits(send_timeout_s=0.5, max_output_tokens=64))
+    body = json.dumps(req(stream=True, max_tokens=64)).encode()
+
+    async def scenario():
+        t0 = time.perf_counter()
+        stuck = await _call(app, body, read_events=1)
+        took = time.perf_counter() - t0
+        return stuck, took, await _call(app, json.dumps(OK).encode())
+
+    stuck, took, after = asyncio.run(scenario())
+    assert stuck["status"] == 200 and stuck["events"] == 1 and took < 10
+    assert after["status"] == 200
+    assert app.state.counters["waiting"] == 0 and app.state.counters["cancelled"] == 1

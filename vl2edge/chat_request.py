@@ -50,6 +50,9 @@ class Limits:
     max_prompt_tokens: int | None = None   # default: the model's context
     max_prompt_chars: int | None = None    # characters of text across all messages; default CHARS_PER_TOKEN per token
     remote_timeout_s: float = 10.0
+    request_timeout_s: float = 30.0        # for the whole body to arrive (408 after)
+    send_timeout_s: float = 60.0           # for the client to take each piece of the answer (then it is cancelled)
+    max_arriving: int = 64                 # bodies arriving at once (429 past it), each held <= request_timeout_s
 
     def resolved(self, context_length: int) -> Limits:
         """These limits with the model-dependent defaults filled in."""

@@ -7,7 +7,7 @@ Messages take OpenAI's shape: `content` is a string or a list of `{"type": "text
 where it stands (`developer` messages count as `system`). Images come from `data:` URLs, from files under
 `--allowed-root` only, and from http(s) only with `--allow-remote-images`. As many requests run on the model
 at once as the pipeline's continuous-batching engine has slots (`--max-batch`; one without it); up to
-`max_queue` wait (counted from the moment a request is admitted, before its body is read),
+`max_queue` wait (counted once a request's body is in: a client that stalls mid-body holds no place),
 more get 429 with `Retry-After`. A client that disconnects cancels its request: a running generation stops
 before its next decode step, a waiting one never starts. Grounding boxes ride along in an extra `vl2edge`
 field. Every response carries `x-request-id` (the client's, when it sent a sane one); `cors_origins` turns
@@ -22,7 +22,10 @@ or null) with a 4xx status, never a 500 or a traceback, and the server keeps ser
   constant time; an empty key is refused at start-up).
 - 404: an unknown route, or a `model` that is not one of the served names.
 - 405: a known route with the wrong method.
-- 429: `max_queue` requests already admitted (checked before the body is read).
+- 429: `max_queue` requests already waiting (checked before the body is read), or `max_arriving` (64)
+  bodies arriving at once.
+- 408: a body that has not arrived whole within `request_timeout_s` (30 s). A streamed answer whose client
+  takes no piece of it for `send_timeout_s` (60 s) is cancelled like one whose client hung up.
 - 413: a body over `max_request_bytes` (32 MiB): refused from an honest Content-Length before reading,
   counted while it streams in otherwise (chunked, or a Content-Length that lies), so no more is ever
   held; a body with more than `max_json_values` commas and brackets (default 2**18, or twice the text
@@ -104,15 +107,24 @@ def refusal(e: Exception) -> JSONResponse:
 
 class CancellingStream(StreamingResponse):
     """A streamed answer that cancels its generation however the response ends: finished, the client gone
-    mid-stream, or the client gone before the first byte (then starlette never starts the body at all)."""
+    mid-stream, the client gone before the first byte (then starlette never starts the body at all), or a
+    client that stops reading: a piece it has not taken within `send_timeout_s` ends the answer."""
 
-    def __init__(self, content, gen, on_end, **kw):
+    def __init__(self, content, gen, on_end, send_timeout_s: float, **kw):
         super().__init__(content, **kw)
-        self.gen, self.on_end = gen, on_end
+        self.gen, self.on_end, self.send_timeout_s = gen, on_end, send_timeout_s
 
     async def __call__(self, scope, receive, send):
+        async def send_in_time(message):
+            try:
+                await asyncio.wait_for(send(message), self.send_timeout_s)
+            except TimeoutError:
+                raise ClientDisconnect() from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_in_time)
+        except (ClientDisconnect, OSError):
+            pass  # the client is gone or stalled: nothing more can reach it
         finally:
             self.on_end()
             self.gen.cancel()
@@ -141,9 +153,17 @@ class RequestIds:
 
 # -- bytes with a cap: the request body, a remote image, a local image file ------------------------------
 
-async def read_body(request: Request, cap: int) -> bytes:
+async def read_body(request: Request, cap: int, timeout_s: float) -> bytes:
     """The request body, refused (413) before reading when an honest Content-Length passes `cap`, and while
-    streaming when a chunked or lying body does; 400 when the client hangs up before the end."""
+    streaming when a chunked or lying body does; 400 when the client hangs up before the end, 408 when the
+    whole body has not arrived within `timeout_s` (a client that stalls mid-body)."""
+    try:
+        return await asyncio.wait_for(_read_capped(request, cap), timeout_s)
+    except TimeoutError:
+        raise HTTPError(408, f"{BODY} did not arrive within {timeout_s:g} s", code="request_timeout") from None
+
+
+async def _read_capped(request: Request, cap: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         declared = declared.strip()
@@ -191,15 +211,16 @@ class FifoSlots:
 
 
 class _Ticket:
-    """A request's place in the queue: taken on admission, given back exactly once."""
+    """A request's place in one of the server's counts (`state[key]`: bodies arriving, requests waiting):
+    taken on admission, given back exactly once."""
 
-    def __init__(self, state: dict, lock: threading.Lock):
-        self.state, self.lock, self.held = state, lock, True
+    def __init__(self, state: dict, lock: threading.Lock, key: str):
+        self.state, self.lock, self.key, self.held = state, lock, key, True
 
     def release(self) -> None:
         with self.lock:
             if self.held:
-                self.state["waiting"] -= 1
+                self.state[self.key] -= 1
                 self.held = False
 
 
@@ -224,7 +245,7 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
                            allow_headers=["authorization", "content-type", "x-request-id"],
                            expose_headers=["x-request-id"], max_age=600)
     app.add_middleware(RequestIds)
-    state = {"waiting": 0, "served": 0, "failed": 0, "cancelled": 0, "mean_s": 1.0}
+    state = {"waiting": 0, "arriving": 0, "served": 0, "failed": 0, "cancelled": 0, "mean_s": 1.0}
     # answers running at once: one per batch slot of the engine (Pipeline.start_batching), else one
     places = pipe.engine.max_batch if pipe.engine is not None else 1
     model_slots = FifoSlots(places)
@@ -248,15 +269,21 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
         if not ok:
             raise HTTPError(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
 
-    def admit() -> _Ticket:
+    def busy(what: str) -> HTTPError:
+        # a request's mean time on the model, over the places that serve the line at once
+        wait = max(1, math.ceil(state["mean_s"] * (state["waiting"] + 1) / places))
+        return HTTPError(429, f"the server is busy ({what}); retry later", "rate_limit_error",
+                         code="rate_limit_exceeded", headers={"Retry-After": str(wait)})
+
+    def admit(key: str) -> _Ticket:
+        """A place in the queue ("waiting", once the body is in) or among the bodies arriving ("arriving")."""
         with queue_lock:
-            if state["waiting"] >= max_queue:
-                # a request's mean time on the model, over the places that serve the line at once
-                wait = max(1, math.ceil(state["mean_s"] * (state["waiting"] + 1) / places))
-                raise HTTPError(429, f"the server is busy ({max_queue} requests waiting); retry later",
-                                "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(wait)})
-            state["waiting"] += 1
-        return _Ticket(state, queue_lock)
+            if state["waiting"] >= max_queue:  # checked first either way: a full queue reads no body
+                raise busy(f"{max_queue} requests waiting")
+            if key == "arriving" and state["arriving"] >= limits.max_arriving:
+                raise busy(f"{limits.max_arriving} requests arriving")
+            state[key] += 1
+        return _Ticket(state, queue_lock, key)
 
     def model_object(model_id: str) -> dict:
         return {"id": model_id, "object": "model", "created": 0, "owned_by": "vl2edge"}
@@ -318,9 +345,13 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
     async def chat(request: Request):
         try:
             check_auth(request)
-            ticket = admit()  # before reading the body: a full queue costs no memory
+            arriving = admit("arriving")  # before reading the body: a full queue costs no memory
             try:
-                raw = await read_body(request, limits.max_request_bytes)
+                raw = await read_body(request, limits.max_request_bytes, limits.request_timeout_s)
+            finally:
+                arriving.release()
+            ticket = admit("waiting")  # a place in the queue only once the body is in: a stalled client holds none
+            try:
                 gen, stream, usage_chunk = await asyncio.to_thread(prepare, raw)
                 del raw
             except BaseException:
@@ -442,7 +473,7 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
 
         failed: list = []
         threading.Thread(target=produce, daemon=True).start()
-        return CancellingStream(events(), gen, ended, media_type="text/event-stream")
+        return CancellingStream(events(), gen, ended, limits.send_timeout_s, media_type="text/event-stream")
 
     app.state.counters = state
     return app
