@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -277,10 +278,8 @@ def _free() -> None:
     """What the last step freed, back to the system before the next: glibc keeps freed heap pages of many
     mid-sized tensors (measured on full-size Tiny: ~0.3 GB still resident after the decoder's layers)."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _save_npy(path: Path, table: torch.Tensor, rows: int = 1 << 14) -> None:

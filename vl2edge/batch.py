@@ -35,7 +35,7 @@ from pathlib import Path
 
 from .errors import InputError, VL2Error
 from .images import SUFFIXES, check_size, display_name, open_file
-from .outputs import ignore_file_size_signal, os_reason
+from .outputs import NO_FOLLOW, ignore_file_size_signal, os_reason
 from .schema import check_text
 
 PDF_SCALE = 2.0        # render PDF pages at 144 dpi
@@ -240,7 +240,7 @@ class ResultWriter:
         self.name, self.lines = display_name(path), 0
         ignore_file_size_signal()  # a write past RLIMIT_FSIZE then fails with EFBIG instead of killing us
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o644)
             self.size = os.fstat(self.fd).st_size
         except OSError as e:
             raise InputError(f"cannot write {self.name}: {os_reason(e)}") from None
@@ -284,11 +284,13 @@ def _encode(record: dict) -> bytes:
 def _check_out(out: Path, resume: bool) -> None:
     name = display_name(out)
     try:
-        mode = os.stat(out).st_mode
+        mode = os.lstat(out).st_mode
     except FileNotFoundError:
         mode = None
     except OSError as e:
         raise InputError(f"cannot write {name}: {os_reason(e)}") from None
+    if mode is not None and stat.S_ISLNK(mode):
+        raise InputError(f"--out {name} is a symbolic link; vl2edge does not write through links (name the target)")
     if mode is not None and stat.S_ISDIR(mode):
         raise InputError(f"--out {name} is a folder; give the results file, e.g. {name}/results.jsonl")
     if mode is not None and not stat.S_ISREG(mode):

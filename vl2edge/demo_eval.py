@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import demo_tasks
-from .errors import VL2Error
+from .errors import InputError, VL2Error
+from .outputs import refuse_link, write_file
 
 HELDOUT_SEED = 7_000_000_000_000  # far from the training steps' seeds (seed * 1_000_003 + step)
 MAX_NEW_TOKENS = 40                # a grounding answer is about 30 tokens
@@ -139,12 +141,21 @@ def main(argv=None) -> None:
         print(f"error: unknown path(s) {', '.join(unknown)}; known: {', '.join(PATHS)}", file=sys.stderr)
         raise SystemExit(2)
     try:
+        if a.json:  # before the evaluation, so a finished one is never lost to an unwritable path
+            refuse_link(a.json)
+            if not a.json.parent.is_dir() or not os.access(a.json.parent, os.W_OK):
+                raise InputError(f"cannot write {a.json}: {a.json.parent} is not a writable folder")
         results = run(a.model, paths, a.per_task, a.seed)
     except VL2Error as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if a.json:
-        a.json.write_text(json.dumps(results, indent=2) + "\n")
+        try:
+            write_file(a.json, (json.dumps(results, indent=2) + "\n").encode())
+        except VL2Error as e:  # a disk that filled meanwhile: the results go to stdout instead
+            print(json.dumps(results, indent=2))
+            print(f"error: {e} (the results are printed above)", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

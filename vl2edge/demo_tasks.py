@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import VL2Error
 from .grounding import parse
 
 TASKS = ("number", "wide", "ground", "count")
@@ -189,6 +190,16 @@ def score(ex: Example, answer: str) -> bool:
     return bool(boxes) and boxes[0].pixels is not None and iou(boxes[0].pixels, ex.box) >= IOU_OK
 
 
+def _save_png(img, path) -> None:
+    import io
+
+    from .outputs import write_file
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    write_file(path, buf.getvalue())  # never through a link
+
+
 def demo_pictures(out, seed: int | None = None) -> dict[str, str]:
     """`make demo`'s two fresh pictures in `out`: number.png (a number to read) and shapes.png (figures,
     the red square among them). Returns what was drawn: the number, and the red square's pixel box."""
@@ -198,14 +209,14 @@ def demo_pictures(out, seed: int | None = None) -> dict[str, str]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     number = _number(rng)
-    number.images[0].save(out / "number.png")
+    _save_png(number.images[0], out / "number.png")
     while True:  # redraw until the red square made it onto the canvas
         W, H = rng.randint(256, 384), rng.randint(256, 384)
         img, placed = shapes_image(rng, W, H, 3)
         box = dict(placed).get("the red square")
         if box is not None:
             break
-    img.save(out / "shapes.png")
+    _save_png(img, out / "shapes.png")
     return {"number": number.answer, "red square": f"({box[0]}, {box[1]}, {box[2]}, {box[3]}) px of {W}x{H}"}
 
 
@@ -221,6 +232,9 @@ def main(argv=None) -> None:
         drawn = demo_pictures(a.out, a.seed)
     except OSError as e:
         print(f"error: cannot write the pictures into {a.out}: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except VL2Error as e:
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print("drawn: " + "; ".join(f"{k} {v}" for k, v in drawn.items()))
 

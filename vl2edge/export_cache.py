@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .artifact import MANIFEST, is_onnx_dir, read_manifest, sha256
 from .errors import VL2Error
+from .outputs import open_lock
 from .synthetic import GENERATED_NAME
 
 RECIPE = "int4-experts"
@@ -86,7 +87,7 @@ def cached_export(src: Path, progress: bool = True) -> Path:
         return entry
     root = entry.parent
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{entry.name}.lock", "w") as lock:
+    with os.fdopen(open_lock(root / f".{entry.name}.lock"), "r+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -26,7 +26,8 @@ from .errors import InputError
 REASONS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the filesystem is read-only",
            errno.EFBIG: "a file would exceed the file-size limit", errno.EACCES: "permission denied",
            errno.ENOTDIR: "a part of the path is a file", errno.ENAMETOOLONG: "a name in the path is too long",
-           errno.EDQUOT: "the disk quota is exceeded"}
+           errno.EDQUOT: "the disk quota is exceeded",
+           errno.ELOOP: "it is a symbolic link (vl2edge does not write through links)"}
 
 
 def os_reason(e: OSError) -> str:
@@ -38,6 +39,50 @@ def ignore_file_size_signal() -> None:
     write fails with EFBIG instead and becomes a clear error. Only the main thread may set it."""
     with contextlib.suppress(ValueError, AttributeError, OSError):  # not the main thread, or no such signal
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+NO_FOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def refuse_link(path: Path) -> None:
+    """A path vl2edge writes must not be a symbolic link (the write would land in whatever it points to)
+    nor anything but a regular file."""
+    if path.is_symlink():
+        raise InputError(f"{path} is a symbolic link; vl2edge does not write through links (name the target)")
+    if path.exists() and not path.is_file():
+        raise InputError(f"cannot write {path}: it exists and is not a regular file")
+
+
+def write_file(path, data: bytes) -> None:
+    """`path` written whole or not at all, never through a link: the bytes go to a new temporary file beside
+    it (created O_EXCL | O_NOFOLLOW) that is renamed over `path`; an existing regular file is replaced.
+    OS errors are one-line InputErrors naming the path."""
+    path = Path(path)
+    try:
+        refuse_link(path)
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NO_FOLLOW, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {os_reason(e)}") from None
+
+
+def open_lock(path: Path) -> int:
+    """A lock file's descriptor: created if missing, never truncated, never through a link (O_NOFOLLOW)."""
+    try:
+        refuse_link(path)
+        return os.open(path, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o644)
+    except OSError as e:
+        raise InputError(f"cannot open the lock file {path}: {os_reason(e)}") from None
 
 
 def _alive(pid: int) -> bool:

@@ -11,8 +11,10 @@ tokenizer that holds the official special tokens, and seeded random weights for 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -237,15 +239,27 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 for the official sizes (like the released files), float32 otherwise")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     ap.add_argument("--sample-image", metavar="PNG", help="also write the demo picture here")
     ap.add_argument("--generated", action="store_true",
                     help=f"write {GENERATED_NAME} instead of the weights: the same values, made when read "
                          "(full-size models on a small disk)")
     a = ap.parse_args(argv)
     dtype = a.dtype or ("float32" if a.preset.startswith("test-") else "bfloat16")
-    out = write_model(a.preset, a.out, dtype=dtype, seed=a.seed, progress=True, generated=a.generated)
-    if a.sample_image:
-        sample_image().save(a.sample_image)
+    from .errors import VL2Error
+    from .outputs import OutputDir, write_file
+
+    try:  # a folder that holds files is refused without --overwrite; written whole or not at all
+        with OutputDir(a.out, a.overwrite) as tmp:
+            write_model(a.preset, tmp, dtype=dtype, seed=a.seed, progress=True, generated=a.generated)
+        if a.sample_image:
+            picture = io.BytesIO()
+            sample_image().save(picture, format="PNG")
+            write_file(a.sample_image, picture.getvalue())
+    except VL2Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out = a.out
     print(f"wrote {a.preset} ({dtype}, random weights{', generated when read' if a.generated else ''}) to {out}")
 
 

@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,8 @@ import torch.nn.functional as F
 
 from . import demo_tasks
 from .config import VL2Config
+from .errors import VL2Error
+from .outputs import OutputDir
 from .presets import tiny
 from .processor import Processor, ProcessorOutput
 
@@ -186,7 +187,8 @@ def train(variant: str, out: Path, steps: int, seed: int, batch: int, lr: float,
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m vl2edge.train_demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", default="mha", choices=VARIANTS)
-    ap.add_argument("--out", required=True, type=Path, help="model directory to write (replaced)")
+    ap.add_argument("--out", required=True, type=Path, help="model directory to write")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -196,10 +198,26 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--eval", type=int, default=100, metavar="N", help="held-out examples per task scored at the end")
     a = ap.parse_args(argv)
+    bad = [f"--{k} {getattr(a, k)} must be {want}" for k, want, ok in (
+        ("steps", "at least 1", a.steps >= 1), ("batch", "in [1, 1024]", 1 <= a.batch <= 1024),
+        ("lr", "a positive finite number", math.isfinite(a.lr) and a.lr > 0),
+        ("patch", "a divisor of 384 from 8 to 64", 8 <= a.patch <= 64 and 384 % a.patch == 0),
+        ("eval", "in [0, 10000]", 0 <= a.eval <= 10000),
+        ("threads", "at least 1", a.threads is None or a.threads >= 1)) if not ok]
+    if bad:
+        ap.error("; ".join(bad))
     if a.threads:
         torch.set_num_threads(a.threads)
-    partial = a.out.with_name(a.out.name + ".partial")  # the old model stays until the new one is whole
-    shutil.rmtree(partial, ignore_errors=True)
+    try:  # refused before training: a folder that holds files (without --overwrite), a file, a link
+        output = OutputDir(a.out, a.overwrite)
+        with output as partial:  # the old model stays until the new one is whole
+            _train_into(a, partial, argv)
+    except VL2Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _train_into(a, partial: Path, argv) -> None:
     report = train(a.variant, partial, a.steps, a.seed, a.batch, a.lr, patch=a.patch, bf16=a.bf16,
                    log=lambda s: print(s, flush=True))
     from .demo_eval import HELDOUT_SEED, run
@@ -209,8 +227,6 @@ def main(argv=None) -> None:
     report |= {"variant": a.variant, "seed": a.seed, "batch": a.batch, "lr": a.lr, "patch": a.patch, "bf16": a.bf16,
                "command": "python -m vl2edge.train_demo " + " ".join(sys.argv[1:] if argv is None else argv)}
     (partial / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-    shutil.rmtree(a.out, ignore_errors=True)
-    partial.rename(a.out)
     print(json.dumps(report, indent=2))
 
 
