@@ -7,6 +7,9 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
+import time
 import zlib
 
 import pytest
@@ -142,7 +145,7 @@ CLI_CASES = [
      "needs an image"),
     (["run", "--model", str(TINY), "--image", IMG, "--prompt", "hi", "--draw", "/no/such/dir/out.png",
       "--max-new-tokens", "2"], "cannot write"),
-    (["run", "--model", "deepseek-ai/no-such-model", "--prompt", "hi"], "cannot fetch"),
+    (["run", "--model", "deepseek-ai/no-such-model", "--prompt", "hi"], "hub cannot be reached"),
     (["run", "--prompt", "hi"], "required"),
     (["batch", "--model", str(TINY), "{t}/missing.png", "--prompt", "x", "--out", "{t}/o.jsonl"], "no such file"),
     (["batch", "--model", str(TINY), IMG, "--out", "{t}/o.jsonl"], "exactly one of --prompt"),
@@ -158,6 +161,25 @@ def test_cli_bad_inputs(tmp_path, capsys, monkeypatch, args, message):
     _files(tmp_path)
     err = _cli(capsys, *[a.replace("{t}", str(tmp_path)) for a in args])
     assert message in err
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9", "https://no-such-host.invalid"])
+def test_a_hub_id_without_network_fails_at_once_naming_what_to_do(tmp_path, endpoint):
+    """No network (the hub's host refuses or does not resolve), no cached copy: one line within seconds that
+    says how to pass a local directory and lists the known ids, not ~25 s of retries and warnings."""
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    schema = tmp_path / "s.json"
+    schema.write_text("{not json")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "vl2edge", "run", "--model", "deepseek-ai/deepseek-vl2-tinyy",
+                        "--prompt", "hi"], capture_output=True, text=True, env=env, timeout=120)
+    assert time.perf_counter() - t0 < 15 and r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--model" in lines[0] and "deepseek-ai/deepseek-vl2-small" in lines[0], r.stderr
+    r = subprocess.run([sys.executable, "-m", "vl2edge", "run", "--model", "deepseek-ai/deepseek-vl2-tinyy",
+                        "--prompt", "hi", "--json-schema", str(schema)], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "--json-schema" in r.stderr  # the schema file is judged before the model
 
 
 def test_batch_refuses_to_overwrite(tmp_path, capsys):

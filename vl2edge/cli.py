@@ -135,10 +135,11 @@ def draw_boxes(images: list[str], boxes, out: str) -> None:
 def run(a) -> None:
     if a.draw:
         draw_format(a.draw)
+    options = _gen(a)  # a --json-schema file is read and compiled before the model loads
     pipe = _load(a)
     messages = [{"role": "<|User|>", "content": build_prompt(a.prompt, len(a.image))},
                 {"role": "<|Assistant|>", "content": ""}]
-    gen = pipe.generation(messages, a.image, **_gen(a))
+    gen = pipe.generation(messages, a.image, **options)
     for piece in gen:
         if not a.json:
             sys.stdout.write(piece)
@@ -177,6 +178,7 @@ def chat(a, stdin=None) -> None:
         import readline  # noqa: F401 - line editing and history for input()
     if hasattr(stdin, "reconfigure"):  # undecodable bytes become lone surrogates, refused line by line below,
         stdin.reconfigure(errors="surrogateescape")  # instead of an exception that discards the buffered input
+    options = _gen(a)  # a --json-schema file is read and compiled before the model loads
     pipe = _load(a)
     messages: list[dict[str, str]]
     images: list[object]  # decoded when attached: a file that breaks later cannot break every turn after
@@ -217,7 +219,7 @@ def chat(a, stdin=None) -> None:
         user = {"role": "user", "content": build_prompt(line, len(pending))}
         try:
             check_text(line, "that message", InputError)
-            gen = pipe.generation([*messages, user], images + pending, **_gen(a))
+            gen = pipe.generation([*messages, user], images + pending, **options)
             for piece in gen:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
