@@ -154,23 +154,31 @@ def export(src, dst, recipe: str = "int4-experts", block_size: int | None = None
     src = resolve(src)
     if read_manifest(src) is not None:
         raise InputError(f"{src} is already quantized; export from the float checkpoint")
-    with OutputDir(dst, overwrite, sources=(src,)) as out:
-        kernels = Kernels(accuracy_level, int8_matmul and u8s8_exact())
-        _build(src, out, recipe, block_size, vision, kernels, routing_outputs, progress, pictures)
+    bar = _progress(recipe, vision) if progress else None
+    try:
+        with OutputDir(dst, overwrite, sources=(src,)) as out:
+            kernels = Kernels(accuracy_level, int8_matmul and u8s8_exact())
+            _build(src, out, recipe, block_size, vision, kernels, routing_outputs, bar, pictures)
+    finally:
+        if bar is not None:
+            bar.close()  # ends its line, so an error starts a line of its own
     return dst
 
 
-def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: str, kernels: Kernels,
-           routing_outputs: bool, progress: bool, pictures: list) -> None:
-    """Everything `export` writes, into `out`, one part of the model in memory at a time."""
+def _progress(recipe: str, vision: str):
+    """The export's step bar on stderr (off when stderr is not a terminal: logs and pipes get no \r lines)."""
+    from tqdm import tqdm
+
     steps = ["load", "vision", "vision_int8", "decoder", "verify", "write"]
     if recipe == "float32" or vision == "float":
         steps.remove("vision_int8")
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    return tqdm(total=len(steps), desc=f"export ({recipe})", bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]",
+                disable=None)
 
-        bar = tqdm(total=len(steps), desc=f"export ({recipe})", bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
+
+def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: str, kernels: Kernels,
+           routing_outputs: bool, bar, pictures: list) -> None:
+    """Everything `export` writes, into `out`, one part of the model in memory at a time."""
 
     def step(name):
         if bar:
@@ -190,9 +198,14 @@ def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: st
     quant = None if recipe == "float32" else Recipe(recipe, block_size=block_size)
     ck = open_checked(src, config)
     specs = quant.specs(config.tensor_shapes()) if quant is not None else {}
-    front = _front(ck, config, specs)
     proc = Processor.from_pretrained(src)
     inputs = _sample_inputs(proc)
+    needed = inputs.input_ids.shape[1] + len(SAMPLE_TOKENS)
+    if needed > lc.max_position_embeddings:
+        raise InputError(f"{src}: the model's context ({lc.max_position_embeddings} positions, max_position_embeddings "
+                         f"in config.json) cannot hold the export's verification prompt (one picture: {needed} "
+                         "positions); is the config right?")
+    front = _front(ck, config, specs)
     tiles = inputs.images[0]
     with torch.inference_mode():
         features = front.encode_tiles(torch.from_numpy(tiles)).float().numpy()
@@ -270,8 +283,6 @@ def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: st
     manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     done()
-    if bar:
-        bar.close()
 
 
 def _free() -> None:

@@ -73,7 +73,7 @@ def convert(src, dst, recipe: Recipe, progress: bool = True, overwrite: bool = F
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=ck.nbytes(), unit="B", unit_scale=True, desc=f"quantizing ({recipe.label})")
+            bar = tqdm(total=ck.nbytes(), unit="B", unit_scale=True, desc=f"quantizing ({recipe.label})", disable=None)
         try:
             write_checkpoint(tmp, layout, _chunks(ck, shapes, specs, bar),
                              max_shard_bytes=SHARD if total > 64 * 2**20 else None,

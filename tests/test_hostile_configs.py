@@ -217,3 +217,20 @@ def test_a_tokenizer_larger_than_the_embeddings_is_refused(tmp_path, capsys):
     (d / "config.json").write_text(json.dumps(c))
     err = _cli(capsys, "run", "--model", d, "--prompt", "hi")
     assert "tokenizer has 384 tokens" in err and "vocab_size is 300" in err
+
+
+@pytest.mark.parametrize("context", [2, 17, 300])
+def test_a_context_too_short_for_the_prompt_is_refused_before_the_engine(tmp_path, capsys, context):
+    """A small max_position_embeddings: the export (whose verification prompt holds a picture) and a run whose
+    prompt is longer say so in one line, naming the limit; onnxruntime's attention never sees it."""
+    d = _copy(tmp_path)
+    c = json.loads((d / "config.json").read_text())
+    c["language_config"]["max_position_embeddings"] = context
+    (d / "config.json").write_text(json.dumps(c))
+    assert "max_position_embeddings" in _cli(capsys, "export", "--model", d, "--out", tmp_path / "o", one_line=True)
+    assert not (tmp_path / "o").exists()
+    prompt = "word " * context
+    for backend in ("torch", "onnx"):
+        err = _cli(capsys, "run", "--model", d, "--backend", backend, "--prompt", prompt).strip().splitlines()
+        assert [line for line in err if "error" in line] == err[-1:]  # before it only "[vl2edge] exporting ..."
+        assert str(context) in err[-1] and ("context" in err[-1] or "max_position_embeddings" in err[-1])

@@ -354,7 +354,7 @@ def run_batch(pipe, inputs: list[str], prompt: str, out, resume: bool = False, p
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(files), unit="file", desc="batch")
+        bar = tqdm(total=len(files), unit="file", desc="batch", disable=None)
 
     def todo() -> Iterator[tuple[dict, Loader] | None]:
         """(record so far, its image loader) of each item not done yet; None where a file ends (the bar)."""

@@ -203,7 +203,7 @@ def write_model(config: VL2Config | str, out, *, dtype: str = "float32", seed: i
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}")
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=None)
 
         def counted(it):
             for name, c in it:
