@@ -234,3 +234,30 @@ def test_a_context_too_short_for_the_prompt_is_refused_before_the_engine(tmp_pat
         err = _cli(capsys, "run", "--model", d, "--backend", backend, "--prompt", prompt).strip().splitlines()
         assert [line for line in err if "error" in line] == err[-1:]  # before it only "[vl2edge] exporting ..."
         assert str(context) in err[-1] and ("context" in err[-1] or "max_position_embeddings" in err[-1])
+
+
+def _floats_in_header(d, field: str):
+    """Rewrite the checkpoint's header with `field` (shape or data_offsets) as integral floats (4 -> 4.0)."""
+    p = d / "model.safetensors"
+    raw = p.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    for k, v in header.items():
+        if k != "__metadata__":
+            v[field] = [float(x) for x in v[field]]
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    p.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n:])
+
+
+@pytest.mark.parametrize("field", ["data_offsets", "shape"])
+def test_one_reader_every_command_judges_a_header_alike(tmp_path, capsys, field):
+    """The safetensors format writes integers; a header with floats is refused by run, quantize and export
+    with the same line (round two found export refusing what run and quantize took)."""
+    d = _copy(tmp_path)
+    _floats_in_header(d, field)
+    lines = {_cli(capsys, *args).strip().splitlines()[-1] for args in (
+        ("run", "--model", d, "--backend", "torch", "--prompt", "hi"),
+        ("quantize", d, tmp_path / "q", "--recipe", "int8"),
+        ("export", "--model", d, "--out", tmp_path / "o"))}
+    assert len(lines) == 1 and f"{field}" in lines.pop() and not (tmp_path / "q").exists()

@@ -55,6 +55,14 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
 
 
+def _header_int(v: Any, what: str, hi: int) -> int:
+    """A size or offset of a safetensors header: a JSON integer in [0, hi]. The format writes integers, and
+    so does every writer; 4.0 is refused here as the safetensors library refuses it, by every command alike."""
+    if isinstance(v, float):
+        raise CheckpointError(f"{what} must be an integer, got {v!r} (a corrupt or hand-made header?)")
+    return schema.as_int(v, what, 0, hi, CheckpointError)
+
+
 class SafetensorsFile:
     """One .safetensors file: header parsed and checked on open, data memory-mapped on first use."""
 
@@ -93,12 +101,12 @@ class SafetensorsFile:
         dtype = e.text("dtype", max_len=16)
         if dtype not in STORAGE:
             raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype!r}")
-        shape = tuple(schema.as_int(d, f"{e.where}: shape[{i}]", 0, 2**48, CheckpointError)
+        shape = tuple(_header_int(d, f"{e.where}: shape[{i}]", 2**48)
                       for i, d in enumerate(e.array("shape", max_len=MAX_DIMS)))
         offsets = e.array("data_offsets", max_len=2)
         if len(offsets) != 2:
             raise e.fail("data_offsets", "[begin, end]", offsets)
-        begin, end = (schema.as_int(o, f"{e.where}: data_offsets", 0, 2**62, CheckpointError) for o in offsets)
+        begin, end = (_header_int(o, f"{e.where}: data_offsets", 2**62) for o in offsets)
         nbytes = math.prod(shape) * np.dtype(STORAGE[dtype]).itemsize
         if not (begin <= end and end - begin == nbytes):
             raise CheckpointError(f"{self.path} is corrupt: tensor {name!r} has {end - begin} bytes for shape "
