@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vl2edge.artifact import FORMAT, MANIFEST, sha256
+from vl2edge.artifact import FORMAT, MANIFEST, seal, sha256
 from vl2edge.config import VL2Config
 from vl2edge.cpu_features import u8s8_exact
 from vl2edge.errors import InputError
@@ -277,11 +277,12 @@ def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: st
     _choose_vision(manifest)
     done()
     step("checksums")
-    files = sorted(p for p in out.iterdir() if p.name != MANIFEST)
+    files = sorted(p for p in out.iterdir() if p.name != MANIFEST)  # every file but the manifest and its seal
     manifest["files"] = {p.name: sha256(p) for p in files}
     manifest["sizes"] = {p.name: p.stat().st_size for p in files}
     manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    seal(out)
     done()
 
 

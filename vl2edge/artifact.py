@@ -19,6 +19,10 @@ from .errors import CheckpointError
 
 FORMAT = "vl2edge.onnx.v1"
 MANIFEST = "manifest.json"
+SEAL = "manifest.sha256"    # the manifest's own sha256, written last by the export (exports since 2026-12-07)
+GRAPH_NAMES = ("decoder", "vision", "vision_int8")
+VISION_INPUTS = ["pixel_values"]
+DECODER_INPUTS = ["inputs_embeds", "attention_mask"]  # then the past names
 
 
 def sha256(path: Path) -> str:
@@ -63,12 +67,21 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise CheckpointError(f"{root} is not a vl2edge ONNX export (format {top.raw('format', None)!r:.60})")
     top.text("min_onnxruntime", max_len=32)
     graphs = top.sub("graphs")
+    listed = top.sub("files", {}).obj
     for name in graphs.obj:
         g = graphs.sub(name)
-        _plain_name(g, "file")
+        if name not in GRAPH_NAMES:
+            raise CheckpointError(f"{path}: graphs has {name[:40]!r}; the graphs are {', '.join(GRAPH_NAMES)}")
+        file = _plain_name(g, "file")
+        if not file.endswith(".onnx") or (listed and file not in listed):
+            raise g.fail("file", "an .onnx file the manifest lists under files", file)
         for key in ("inputs", "outputs", *(("past", "present") if name == "decoder" else ())):
             if not all(isinstance(v, str) for v in g.array(key)):
                 raise g.fail(key, "a list of names")
+        want = DECODER_INPUTS + g.obj["past"] if name == "decoder" else VISION_INPUTS
+        if g.obj["inputs"] != want:
+            raise g.fail("inputs", f"the {name} graph's inputs {want[:4]}{'...' if len(want) > 4 else ''}",
+                         g.obj["inputs"][:4])
     if "decoder" not in graphs.obj:
         raise CheckpointError(f"{path}: graphs has no 'decoder'")
     dec = graphs.sub("decoder")
@@ -81,7 +94,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise cache.fail("shape", "a list of axis names and sizes", shape)
     if len(dec.obj["past"]) != len(dec.obj["present"]):
         raise CheckpointError(f"{path}: the decoder's past and present lists differ in length")
-    top.text("default_vision", max_len=64)
+    if top.text("default_vision", max_len=64) not in graphs.obj:
+        raise top.fail("default_vision", "one of the graphs", top.obj["default_vision"])
     tensors = top.sub("tensors")
     for key in ("embed_tokens", "image_newline", "view_seperator"):
         _plain_name(tensors, key)
@@ -96,6 +110,24 @@ def read_manifest(root: Path) -> dict[str, Any]:
             raise CheckpointError(f"{root}: {name} has {got:,} bytes but the manifest says {want:,} (a swapped or "
                                   f"truncated file? run `vl2edge verify {root}`)")
     return top.obj
+
+
+def seal(root: Path) -> None:
+    """Write SEAL: the manifest's sha256, so a hand-edited manifest is found (the export's last step)."""
+    (root / SEAL).write_text(sha256(root / MANIFEST) + "\n")
+
+
+def seal_problem(root: Path) -> str | None:
+    """None when SEAL holds manifest.json's sha256; else what is wrong (an unsealed, older export included)."""
+    try:
+        recorded = (root / SEAL).read_bytes()[:200].decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        return f"{SEAL} is missing (an export made before 2026-12-07, or a damaged one)"
+    except OSError as e:
+        return f"{SEAL} cannot be read: {e.strerror or e}"
+    if recorded != sha256(root / MANIFEST):
+        return f"{MANIFEST} does not match {SEAL} (edited after the export?)"
+    return None
 
 
 def verify_files(root) -> list[str]:

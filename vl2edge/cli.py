@@ -326,17 +326,27 @@ def verify(a) -> None:
     """An export's files against its manifest's sha256; a checkpoint's tensors against its config."""
     from pathlib import Path
 
-    from .artifact import is_onnx_dir, read_manifest, verify_files
+    from .artifact import MANIFEST, SEAL, is_onnx_dir, read_manifest, seal_problem, verify_files
     from .errors import CheckpointError
 
     root = Path(a.dir)
     if is_onnx_dir(root):
+        sealed = seal_problem(root)
+        if sealed is not None and (root / SEAL).exists():
+            raise CheckpointError(f"{root}: {sealed}")
         m = read_manifest(root)
+        listed = m.get("files", {})
+        if not listed:
+            raise CheckpointError(f"{root}: {MANIFEST} lists no files and their sha256: nothing could be verified")
         bad = verify_files(root)
         if bad:
             raise CheckpointError(f"{root}: {len(bad)} file(s) are missing or differ from manifest.json's sha256: "
                                   f"{', '.join(bad[:8])}")
-        print(f"{root}: ONNX export, all {len(m.get('files', {}))} files match manifest.json")
+        unlisted = sorted(p.name for p in root.iterdir() if p.name not in {*listed, MANIFEST, SEAL})
+        print(f"{root}: ONNX export, all {len(listed)} files match {MANIFEST}"
+              + ("" if sealed else f", which matches {SEAL}")
+              + (f"; not checked: {MANIFEST} itself ({sealed})" if sealed else "")
+              + (f"; not checked (not in the manifest): {', '.join(unlisted[:8])}" if unlisted else ""))
         return
     from .config import VL2Config
     from .quant.recipes import packed_tensor_shapes

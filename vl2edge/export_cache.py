@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from .artifact import MANIFEST, is_onnx_dir, read_manifest, sha256
+from .artifact import MANIFEST, is_onnx_dir, read_manifest, seal_problem, sha256
 from .errors import VL2Error
 from .outputs import open_lock
 from .synthetic import GENERATED_NAME
@@ -67,6 +67,9 @@ def verify_entry(entry: Path) -> str | None:
     if not is_onnx_dir(entry):
         return f"no {MANIFEST}"
     try:
+        sealed = seal_problem(entry)  # a hand-edited manifest is rebuilt, not trusted
+        if sealed is not None:
+            return sealed
         manifest = read_manifest(entry)  # also checks every recorded file size
         for name, digest in manifest.get("files", {}).items():
             f = entry / name

@@ -135,9 +135,16 @@ class OnnxModel:
         cached = self.cache_sessions and name.startswith("vision")
         digest = self.manifest.get("files", {}).get(path.name) if cached else None
         try:
-            return cached_session(path, digest, self.options, self.providers)
+            session = cached_session(path, digest, self.options, self.providers)
         except Exception as e:
             raise CheckpointError(f"{path} cannot be loaded by onnxruntime: {str(e).splitlines()[0]}") from None
+        want = self.graphs[name]
+        got_in, got_out = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+        if got_in != want["inputs"] or not set(want["outputs"]) <= set(got_out):
+            raise CheckpointError(f"{self.root}: the {name} graph in manifest.json is {path.name}, whose inputs "
+                                  f"{got_in[:3]} and outputs {got_out[:3]} are not the {name} graph's "
+                                  f"({want['inputs'][:3]}, {want['outputs'][:3]}): a damaged or edited manifest")
+        return session
 
     def vision_session(self, name: str | None = None):
         name = name or self.vision_name
