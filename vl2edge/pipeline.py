@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import api_args
 from .config import VL2Config
 from .engine import Engine
 from .errors import InputError
@@ -207,8 +208,8 @@ class Pipeline:
         """Answer through the continuous-batching engine (vl2edge/engine.py): up to `max_batch` answers share
         each decode step, from threads that each run a `Generation`. Its slots hold `max_len` positions (the
         model's context by default) and are allocated now. `max_batch` 1 keeps the single-answer loop."""
-        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
-            raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
+        api_args.integer(max_batch, "max_batch", 1, api_args.MAX_BATCH)
+        api_args.integer(max_len, "max_len", 2, self.context_length, none=True)
         if self.engine is not None:
             self.engine.close()
             self.engine = None
@@ -235,9 +236,10 @@ class Pipeline:
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
                                      or not 0 <= logprobs <= 20):
             raise InputError(f"logprobs (top alternatives) must be an integer in [0, 20], got {logprobs!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if not all(isinstance(s, str) for s in stops):
-            raise InputError("stop must be a string or a list of strings")
+        stops = api_args.stops(stop)
+        images = api_args.images(images)
+        response_format = api_args.response_format(response_format)
+        api_args.integer(chunk_size, "chunk_size", 1, api_args.MAX_CHUNK)
         try:
             bias = tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items()))
         except (TypeError, ValueError, AttributeError):
@@ -286,6 +288,7 @@ def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | Non
     from .artifact import is_onnx_dir
     from .hub import config_dir, resolve
 
+    api_args.load_args(path_or_id, device, dtype, quant, threads, vision)
     asked = backend  # VL2EDGE_BACKEND is a default for checkpoints; an ONNX export always runs on ONNX Runtime
     backend = backend or os.environ.get("VL2EDGE_BACKEND") or "auto"
     if backend not in BACKENDS:
