@@ -263,10 +263,12 @@ def serve(a) -> None:
         from .server import serve as run_server
     except ImportError:
         raise InputError("vl2edge serve needs the serve extra: pip install 'vl2edge[serve]'") from None
-    key = a.api_key if a.api_key is not None else os.environ.get("VL2EDGE_API_KEY")
-    if key is not None and not key.strip():
-        raise InputError("the API key is empty (--api-key \"\" or an empty VL2EDGE_API_KEY, an unset variable?); "
-                         "give a key, or leave both out to serve without one")
+    from . import serve_options
+
+    key = serve_options.api_key(a.api_key if a.api_key is not None else os.environ.get("VL2EDGE_API_KEY"))
+    root = serve_options.allowed_root(a.allowed_root)
+    origins = serve_options.cors_origins(a.cors_origin)
+    serve_options.port_free(a.host, a.port)
     pipe = _load(a)
     pipe.start_batching(a.max_batch)
     name = a.served_name or os.path.basename(str(a.model).rstrip("/"))
@@ -275,9 +277,9 @@ def serve(a) -> None:
           f"({'API key required' if key else 'no API key'}); model names: {', '.join((name, *aliases))}"
           f"{'' if a.no_ui else f'; chat page: http://{a.host}:{a.port}/'}",
           file=sys.stderr)
-    run_server(pipe, host=a.host, port=a.port, name=name, aliases=aliases, cors_origins=tuple(a.cors_origin),
+    run_server(pipe, host=a.host, port=a.port, name=name, aliases=aliases, cors_origins=origins,
                ui=not a.no_ui,
-               api_key=key, allowed_root=a.allowed_root, allow_remote=a.allow_remote_images,
+               api_key=key, allowed_root=root, allow_remote=a.allow_remote_images,
                max_queue=a.max_queue, limits=Limits(max_output_tokens=a.max_tokens))
 
 
@@ -458,7 +460,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set VL2EDGE_API_KEY)")
     s.add_argument("--allowed-root", metavar="DIR", help="serve local image paths under DIR (default: none)")
     s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
-    s.add_argument("--max-queue", type=int_in(0, 1 << 16), default=16, help="requests that may wait; more get 429")
+    s.add_argument("--max-queue", type=int_in(1, 1 << 16), default=16, help="requests that may wait; more get 429")
     s.add_argument("--max-tokens", type=int_in(1, 1 << 20), default=2048, help="cap on a request's max_tokens")
     s.add_argument("--max-batch", type=int_in(1, 256), default=DEFAULT_MAX_BATCH,
                    help=f"answers decoded together (continuous batching; default {DEFAULT_MAX_BATCH}, "

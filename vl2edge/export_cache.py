@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from .artifact import MANIFEST, is_onnx_dir, read_manifest, seal_problem, sha256
-from .errors import VL2Error
+from .errors import InputError, VL2Error
 from .outputs import open_lock
 from .synthetic import GENERATED_NAME
 
@@ -33,7 +33,10 @@ SMALL_FILE = 64 * 2**20  # files below this are checked by sha256 on every use; 
 def cache_root() -> Path:
     env = os.environ.get("VL2EDGE_CACHE")
     if env:
-        return Path(env).expanduser()
+        root = Path(env).expanduser()
+        if root.exists() and not root.is_dir():
+            raise InputError(f"VL2EDGE_CACHE={env} is a file, not a folder: point it at a folder for the export cache")
+        return root
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE).expanduser().parent / "vl2edge"
