@@ -219,13 +219,13 @@ def export_decoder_streaming(ck: Checkpoint, lc: LanguageConfig, specs: dict[str
                                  f"layer{i}", ["hidden", *MASK_NAMES, *mine_past],
                                  ["hidden_out", *mine_present, *rout], dyn)
             del layer
-            got = _run_layer_onnx(check_session(path, threads), hidden, attn, mine_past, mine_present, layout)
-            report.layers.append({"layer": i, **errors(np.concatenate(got, 1), np.concatenate(ref, 1))})
             writer.add(proto, f"layers.{i}/", {"hidden": f"hidden.{i}" if i else "inputs_embeds",
                                               "hidden_out": f"hidden.{i + 1}"}
                        | {n: n for n in [*MASK_NAMES, *mine_past, *mine_present, *rout]},
                        inputs=tuple(mine_past), outputs=(*mine_present, *rout))
-            del proto
+            del proto  # spliced: its weights are on disk, and only onnxruntime's copy is held from here
+            got = _run_layer_onnx(check_session(path, threads), hidden, attn, mine_past, mine_present, layout)
+            report.layers.append({"layer": i, **errors(np.concatenate(got, 1), np.concatenate(ref, 1))})
             path.unlink()
             hidden = [torch.from_numpy(h) for h in ref]
         if progress:
@@ -236,10 +236,12 @@ def export_decoder_streaming(ck: Checkpoint, lc: LanguageConfig, specs: dict[str
         prepare(tail, lc, kernels, plain=plain)
         proto, path = trace_piece(tail, (torch.randn(B, T, D),), tmp, "tail", ["hidden"], ["logits"], dyn)
         del tail
-        got = [check_session(path, threads).run(None, {"hidden": h.numpy()})[0] for h in hidden]
-        report.tail = errors(np.concatenate(got), np.concatenate(report.logits))
         writer.add(proto, "head_out/", {"hidden": f"hidden.{L}", "logits": "logits"}, outputs=("logits",))
         del proto
+        session = check_session(path, threads)
+        got = [session.run(None, {"hidden": h.numpy()})[0] for h in hidden]
+        del session
+        report.tail = errors(np.concatenate(got), np.concatenate(report.logits))
     inputs = ["inputs_embeds", "attention_mask", *past_names]
     outputs = ["logits", *present_names, *routing_names]
     report.data_bytes = writer.close(inputs, outputs)

@@ -101,17 +101,24 @@ def zero_pasts(c: LanguageConfig, batch: int, past: int, layers: range | None = 
     return [torch.zeros(shape, dtype=torch.float32) for _ in names]
 
 
+def _trace(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes,
+           contrib: bool = True) -> None:
+    """torch.onnx.export (TorchScript tracer: the contrib-op symbolics in export/ops.py) into `path`."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+                          custom_opsets={"com.microsoft": MS_OPSET} if contrib else None)
+
+
 def _export(module: nn.Module, args: tuple, out: Path, input_names, output_names, dynamic_axes,
             contrib: bool = True) -> Path:
     """torch.onnx.export (TorchScript tracer: the contrib-op symbolics in export/ops.py) + external data."""
     import onnx
 
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "graph.onnx"
-        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=input_names,
-                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
-                          custom_opsets={"com.microsoft": MS_OPSET} if contrib else None)
+        _trace(module, args, path, input_names, output_names, dynamic_axes, contrib)
         proto = onnx.load(str(path))
     for f in (out, out.with_name(out.name + ".data")):
         f.unlink(missing_ok=True)
@@ -174,11 +181,13 @@ def quantize_vision_dynamic(src: Path, out: Path) -> dict:
 
 def trace_piece(module: nn.Module, args: tuple, tmp: Path, name: str, inputs: list[str], outputs: list[str],
                 dyn: dict):
-    """Trace one piece of a graph into the folder `tmp` and load it back with its weights: (ModelProto, path)."""
+    """Trace one piece of a graph into the folder `tmp` and load it back with its weights: (ModelProto, path).
+    The tracer's file is used as written (weights inside it, or beside it past 2 GB): re-saving it with
+    external data would hold a second copy of the piece's weights (a Base MoE layer: ~0.5 GB)."""
     import onnx
 
     path = tmp / f"{name}.onnx"
-    _export(module, args, path, inputs, outputs, {k: v for k, v in dyn.items() if k in inputs + outputs})
+    _trace(module, args, path, inputs, outputs, {k: v for k, v in dyn.items() if k in inputs + outputs})
     return onnx.load(str(path)), path
 
 
