@@ -261,3 +261,34 @@ def test_one_reader_every_command_judges_a_header_alike(tmp_path, capsys, field)
         ("quantize", d, tmp_path / "q", "--recipe", "int8"),
         ("export", "--model", d, "--out", tmp_path / "o"))}
     assert len(lines) == 1 and f"{field}" in lines.pop() and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "processor_config.json", "model.safetensors"])
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder"])
+def test_a_side_file_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, capsys, name, kind):
+    """A FIFO (which would block a plain open forever), /dev/zero (st_size 0, endless), a folder: one line."""
+    import os
+
+    d = _copy(tmp_path)
+    (d / name).unlink()
+    if kind == "fifo":
+        os.mkfifo(d / name)
+    elif kind == "dev-zero":
+        (d / name).symlink_to("/dev/zero")
+    else:
+        (d / name).mkdir()
+    err = _cli(capsys, "run", "--model", d, "--backend", "torch", "--prompt", "hi", one_line=True)
+    assert name in err
+
+
+def test_a_huge_manifest_is_refused_before_it_is_read(tmp_path, capsys):
+    from vl2edge.artifact import MANIFEST_MAX
+
+    d = tmp_path / "e"
+    d.mkdir()
+    with open(d / "manifest.json", "wb") as f:  # sparse: 2 GB of nothing after a valid start
+        f.write(b'{"format": "vl2edge.onnx.v1", "pad": "')
+        f.truncate(2 * 2**30)
+    for args in (("verify", d), ("run", "--model", d, "--prompt", "hi")):
+        err = _cli(capsys, *args, one_line=True)
+        assert "manifest.json" in err and f"{MANIFEST_MAX:,}" in err

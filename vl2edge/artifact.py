@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from . import schema
-from .errors import CheckpointError
+from .errors import CheckpointError, VL2Error
 
 FORMAT = "vl2edge.onnx.v1"
 MANIFEST = "manifest.json"
 SEAL = "manifest.sha256"    # the manifest's own sha256, written last by the export (exports since 2026-12-07)
 GRAPH_NAMES = ("decoder", "vision", "vision_int8")
+MANIFEST_MAX = 16 * 2**20   # Base's manifest (per-tensor recipe, per-layer checks) is ~2 MB
 VISION_INPUTS = ["pixel_values"]
 DECODER_INPUTS = ["inputs_embeds", "attention_mask"]  # then the past names
 
@@ -39,9 +40,9 @@ def is_onnx_dir(path) -> bool:
     if not f.is_file():
         return False
     try:
-        fmt = json.loads(f.read_bytes()[: 1 << 20]).get("format")
-    except (ValueError, RecursionError, AttributeError):  # not JSON, not UTF-8, or not an object
-        return False
+        fmt = json.loads(schema.read_bounded(f, str(f), MANIFEST_MAX)).get("format")
+    except (ValueError, RecursionError, AttributeError, VL2Error):  # not JSON or UTF-8, not an object, too big
+        return f.stat().st_size > MANIFEST_MAX  # too big: read_manifest then names the problem
     return isinstance(fmt, str) and fmt.startswith(FORMAT.rsplit(".", 1)[0])
 
 
@@ -59,10 +60,8 @@ def _plain_name(f: schema.Fields, key: str) -> str:
 def read_manifest(root: Path) -> dict[str, Any]:
     """manifest.json of an export, checked field by field (CheckpointError naming the field)."""
     path = root / MANIFEST
-    try:
-        top = schema.Fields(schema.loads(path.read_bytes(), str(path), CheckpointError), str(path), CheckpointError)
-    except OSError as e:
-        raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
+    raw = schema.read_bounded(path, str(path), MANIFEST_MAX, CheckpointError)
+    top = schema.Fields(schema.loads(raw, str(path), CheckpointError), str(path), CheckpointError)
     if top.raw("format", None) != FORMAT:
         raise CheckpointError(f"{root} is not a vl2edge ONNX export (format {top.raw('format', None)!r:.60})")
     top.text("min_onnxruntime", max_len=32)
@@ -119,12 +118,12 @@ def seal(root: Path) -> None:
 
 def seal_problem(root: Path) -> str | None:
     """None when SEAL holds manifest.json's sha256; else what is wrong (an unsealed, older export included)."""
-    try:
-        recorded = (root / SEAL).read_bytes()[:200].decode("ascii", "replace").strip()
-    except FileNotFoundError:
+    if not (root / SEAL).exists():
         return f"{SEAL} is missing (an export made before 2026-12-07, or a damaged one)"
-    except OSError as e:
-        return f"{SEAL} cannot be read: {e.strerror or e}"
+    try:
+        recorded = schema.read_bounded(root / SEAL, SEAL, 200, CheckpointError).decode("ascii", "replace").strip()
+    except CheckpointError as e:
+        return str(e)
     if recorded != sha256(root / MANIFEST):
         return f"{MANIFEST} does not match {SEAL} (edited after the export?)"
     return None
@@ -134,11 +133,8 @@ def verify_files(root) -> list[str]:
     """Files of an export whose sha256 differs from manifest.json's, or that are missing (empty: all good)."""
     root = Path(root)
     path = root / MANIFEST
-    try:
-        files = schema.Fields(schema.loads(path.read_bytes(), str(path), CheckpointError), str(path),
-                              CheckpointError).sub("files")
-    except OSError as e:
-        raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
+    raw = schema.read_bounded(path, str(path), MANIFEST_MAX, CheckpointError)
+    files = schema.Fields(schema.loads(raw, str(path), CheckpointError), str(path), CheckpointError).sub("files")
     bad = []
     for name in files.obj:
         digest = files.text(name, max_len=64)

@@ -161,8 +161,9 @@ class Processor:
                               "directory holds tokenizer.json, tokenizer_config.json and processor_config.json")
         config = ProcessorConfig.from_dict(schema.load_file(root / "processor_config.json"),
                                            str(root / "processor_config.json"))
+        raw = schema.read_bounded(root / "tokenizer.json", str(root / "tokenizer.json"), schema.MAX_FILE_BYTES)
         try:
-            tok = Tokenizer.from_file(str(root / "tokenizer.json"))
+            tok = Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as e:
             raise ConfigError(f"{root / 'tokenizer.json'} cannot be loaded: {e}") from None
         names: dict[str, object] = {}

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import os
+import stat
 from typing import Any
 
 from .errors import ConfigError, VL2Error
@@ -73,18 +74,32 @@ def loads(text: str | bytes, what: str, error: type[VL2Error] = ConfigError, max
     return obj
 
 
+def read_bounded(path, what: str, max_bytes: int, error: type[VL2Error] = ConfigError) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`, read with that bound: a FIFO, a device (/dev/zero),
+    a folder or a file that grows while it is read is refused by name instead of blocking or eating memory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block the open
+    except (OSError, ValueError, TypeError) as e:
+        raise error(f"cannot read {what}: {getattr(e, 'strerror', None) or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"cannot read {what}: not a regular file")
+        if st.st_size > max_bytes:
+            raise error(f"{what} is {st.st_size:,} bytes; vl2edge reads at most {max_bytes:,} here")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise error(f"cannot read {what}: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise error(f"{what} grew past {max_bytes:,} bytes while it was read")
+    return data
+
+
 def load_file(path, what: str | None = None, max_bytes: int = MAX_FILE_BYTES) -> Any:
     """A JSON file, parsed with limits; ConfigError (naming the file) when it cannot be read or parsed."""
-    path = Path(path)
     what = what or str(path)
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise ConfigError(f"{what} is {size:,} bytes; a JSON file vl2edge reads is at most {max_bytes:,}")
-        data = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read {what}: {e.strerror or e}") from None
-    return loads(data, what)
+    return loads(read_bounded(path, what, max_bytes), what)
 
 
 def _kind(v: Any) -> str:

@@ -14,6 +14,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -69,7 +70,10 @@ class SafetensorsFile:
     def __init__(self, path):
         self.path = Path(path)
         try:
-            size = self.path.stat().st_size
+            st = self.path.stat()
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open, a device never end
+                raise CheckpointError(f"{self.path} is not a regular file")
+            size = st.st_size
             with open(self.path, "rb") as f:
                 head = f.read(8)
                 if len(head) < 8:
