@@ -341,7 +341,8 @@ PDFS = {
                   [(1, "100000x100000 points at 144 dpi) is too large"), (2, None)]),
     "truncated": (_pdf("0 0 300 400")[:200], "doc.pdf", [(None, "cannot read PDF")]),
     "named-png": (_pdf("0 0 300 400"), "doc.png", [(1, None)]),
-    "not-a-pdf": (_enc("PNG"), "photo.pdf", [(None, "cannot read PDF")]),
+    "png-named-pdf": (_enc("PNG"), "photo.pdf", [(None, None)]),  # recognised by content, not by name
+    "text-named-pdf": (b"hello", "notes.pdf", [(None, "notes.pdf")]),
     "over-the-page-cap": (_pdf("0 0 300 400", "0 0 300 400"), "doc.pdf", [(1, None), (2, "at most 1 pages")]),
 }
 

@@ -589,3 +589,26 @@ def test_a_stream_nobody_reads_is_cancelled_and_frees_its_place(pipe):
     assert stuck["status"] == 200 and stuck["events"] == 1 and took < 10
     assert after["status"] == 200
     assert app.state.counters["waiting"] == 0 and app.state.counters["cancelled"] == 1
+
+
+def _local(root, name: str) -> dict:
+    return parts({"type": "text", "text": "what?"}, image(str(root / name)))
+
+
+@pytest.mark.parametrize("name", ["x" * 300 + ".png", "a.png/inside", ("d" * 250 + "/") * 20 + "a.png", "sub",
+                                  "fifo", "zero"])
+def test_every_os_error_on_a_local_image_path_is_a_4xx(client, root, name):
+    """Over-long names, paths through a file, folders, FIFOs, devices under --allowed-root: the client's error."""
+    if name == "fifo" and not (root / "fifo").exists():
+        os.mkfifo(root / "fifo")
+    if name == "zero" and not (root / "zero").exists():
+        (root / "zero").symlink_to("/dev/zero")
+    r = client.post("/v1/chat/completions", json=_local(root, name))
+    assert 400 <= r.status_code < 500, r.text
+    assert_serving(client)
+
+
+def test_a_png_named_pdf_is_read_as_the_picture_it_is(client, root):
+    (root / "picture.pdf").write_bytes(png(16, 16))
+    r = client.post("/v1/chat/completions", json=_local(root, "picture.pdf"))
+    assert r.status_code == 200, r.text

@@ -115,15 +115,13 @@ def load_item(path: Path, page: int | None):
 
 
 def _is_pdf(path: Path) -> bool:
-    """Named .pdf or starting like a PDF, whatever the name says; an unreadable file goes the image way,
-    which reports why it cannot be opened."""
-    if path.suffix.lower() == ".pdf":
-        return True
+    """Starting like a PDF, whatever the name says (a PNG named .pdf is a picture); an unreadable file is
+    judged by its name, and its reader reports why it cannot be opened."""
     try:
         with open_file(path, "file") as f:
             return f.read(len(PDF_MAGIC)) == PDF_MAGIC
     except (InputError, OSError):
-        return False
+        return path.suffix.lower() == ".pdf"
 
 
 def _pdf_pages(path: Path, only: int | None) -> Iterator[tuple[int | None, Loader]]:

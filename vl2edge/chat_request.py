@@ -262,8 +262,12 @@ def _image_bytes(url: str, allowed_root: Path | None, allow_remote: bool, limits
         raise HTTPError(400, f"bad image path {path[:200]!r}") from None
     if not inside:
         raise HTTPError(403, f"{path[:200]} is outside the allowed image directory")
-    if not p.is_file():
-        raise HTTPError(400, f"image not found: {path[:200]}")
+    try:
+        found = p.is_file()  # a name too long or a path through a file raises here: the client's error
+    except (OSError, ValueError) as e:
+        raise HTTPError(400, f"bad image path {path[:200]!r}: {getattr(e, 'strerror', None) or e}") from None
+    if not found:
+        raise HTTPError(400, f"image not found (or not a regular file): {path[:200]}")
     try:
         with p.open("rb") as f:  # read one byte past the cap: a file that grows while we read is still bounded
             return CappedBuffer(limits.max_request_bytes, path[:200]).extend([f.read(limits.max_request_bytes + 1)])
