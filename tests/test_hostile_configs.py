@@ -292,3 +292,37 @@ def test_a_huge_manifest_is_refused_before_it_is_read(tmp_path, capsys):
     for args in (("verify", d), ("run", "--model", d, "--prompt", "hi")):
         err = _cli(capsys, *args, one_line=True)
         assert "manifest.json" in err and f"{MANIFEST_MAX:,}" in err
+
+
+OCR_EDITS = {
+    "architectures": lambda c: c.update(architectures=["DeepseekOCRForCausalLM"]),
+    "encoder widths": lambda c: c["vision_config"].update(width={"clip-l-14-224": {"width": 1024},
+                                                                 "sam_vit_b": {"width": 768}}),
+    "encoder name": lambda c: c["vision_config"].update(model_name="deeplip_b_l"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(OCR_EDITS))
+def test_a_sibling_checkpoint_is_refused_naming_what_it_is(tmp_path, capsys, edit):
+    """DeepSeek-OCR shares the deepseek_vl_v2 model_type with a SAM + CLIP encoder: refused at load, by name."""
+    d = _copy(tmp_path)
+    c = json.loads((d / "config.json").read_text())
+    OCR_EDITS[edit](c)
+    (d / "config.json").write_text(json.dumps(c))
+    for args in (("info", "--model", d), ("run", "--model", d, "--backend", "torch", "--prompt", "hi"),
+                 ("export", "--model", d, "--out", tmp_path / "o")):
+        err = _cli(capsys, *args, one_line=True)
+        assert "DeepSeek-OCR" in err or "DeepseekOCR" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_token_id_past_the_embedding_table_is_refused_at_load(tmp_path, capsys):
+    """Ids need not be dense: a vocabulary whose largest id is vocab_size (count still within it) is refused."""
+    d = _copy(tmp_path)
+    vocab = json.loads((d / "config.json").read_text())["language_config"]["vocab_size"]
+    t = json.loads((d / "tokenizer.json").read_text())
+    v = t["model"]["vocab"]
+    v[max(v, key=v.get)] = vocab
+    (d / "tokenizer.json").write_text(json.dumps(t))
+    err = _cli(capsys, "run", "--model", d, "--backend", "torch", "--prompt", "hi there", one_line=True)
+    assert f"has id {vocab}" in err and "vocab_size" in err

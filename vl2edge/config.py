@@ -61,6 +61,24 @@ def _positive_finite(obj, section: str, names: tuple[str, ...], hi: float = 1e12
         _check(math.isfinite(v) and 0 < v <= hi, f"{section}.{k}", v, f"a positive finite number <= {hi:g}")
 
 
+def _refuse_siblings(d: dict) -> None:
+    """Checkpoints that share the `deepseek_vl_v2` model type but not the model: DeepSeek-OCR (and OCR-2)
+    have a SAM + CLIP vision encoder, named in `architectures` or visible in vision_config (a `width` per
+    encoder, a SAM or CLIP model_name). Refused by name before any field is read as a VL2 one."""
+    archs = d.get("architectures")
+    names = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    vision = d.get("vision_config") if isinstance(d.get("vision_config"), dict) else {}
+    width, model_name = vision.get("width"), str(vision.get("model_name", ""))
+    encoders = sorted(width) if isinstance(width, dict) else []
+    if any("ocr" in a.lower() for a in names) or encoders or any(k in model_name.lower() for k in ("sam", "clip",
+                                                                                                "deeplip")):
+        what = next((a for a in names if "ocr" in a.lower()), None) or "a DeepSeek-OCR-style checkpoint"
+        shown = f" ({', '.join(encoders)[:80]})" if encoders else (f" ({model_name[:40]})" if model_name else "")
+        raise ConfigError(f"config.json describes {what}: its vision encoder{shown} is not DeepSeek-VL2's SigLIP "
+                          "tower, although it shares the model_type 'deepseek_vl_v2'; vl2edge runs DeepSeek-VL2 "
+                          "(Tiny, Small, Base) only")
+
+
 def _typed(cls, section: str, d: dict):
     """Build dataclass `cls` from `d`: unknown keys ignored, known keys type-checked by annotation."""
     if not isinstance(d, dict):
@@ -300,6 +318,7 @@ class VL2Config:
         if mt != "deepseek_vl_v2":
             raise ConfigError(f"config model_type = {mt!r}: this is not a DeepSeek-VL2 checkpoint "
                               "(expected 'deepseek_vl_v2')")
+        _refuse_siblings(d)
         top = _typed(_TopLevel, "", d)
         return cls(
             vision_config=_typed(VisionConfig, "vision_config", d.get("vision_config", {})),

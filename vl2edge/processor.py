@@ -122,6 +122,11 @@ def check_compatible(processor: Processor, model: VL2Config, where: str) -> None
     if n > model.language_config.vocab_size:
         raise ConfigError(f"{where}/tokenizer.json: the tokenizer has {n} tokens (the image, grounding and role "
                           f"tokens included) but config.json's vocab_size is {model.language_config.vocab_size}")
+    ids = processor.tokenizer.get_vocab(with_added_tokens=True)  # ids need not be dense: the largest must fit
+    name, top = max(ids.items(), key=lambda kv: kv[1], default=("", -1))
+    if top >= model.language_config.vocab_size:
+        raise ConfigError(f"{where}/tokenizer.json: the token {name[:40]!r} has id {top}, past config.json's "
+                          f"vocab_size {model.language_config.vocab_size} (no embedding row holds it)")
     for name, got, want in (("the tile size (first candidate resolution's width)", config.image_size, v.image_size),
                             ("patch_size", config.patch_size, v.patch_size),
                             ("downsample_ratio", config.downsample_ratio, p.downsample_ratio)):
