@@ -67,7 +67,8 @@ def _refuse_siblings(d: dict) -> None:
     encoder, a SAM or CLIP model_name). Refused by name before any field is read as a VL2 one."""
     archs = d.get("architectures")
     names = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
-    vision = d.get("vision_config") if isinstance(d.get("vision_config"), dict) else {}
+    given = d.get("vision_config")
+    vision: dict = given if isinstance(given, dict) else {}
     width, model_name = vision.get("width"), str(vision.get("model_name", ""))
     encoders = sorted(width) if isinstance(width, dict) else []
     if any("ocr" in a.lower() for a in names) or encoders or any(k in model_name.lower() for k in ("sam", "clip",
