@@ -121,3 +121,10 @@ def test_train_demo_checks_its_arguments_before_training(tmp_path, arg, value):
     r = _cli("vl2edge.train_demo", "--out", str(tmp_path / "m"), arg, value)
     assert r.returncode == 2 and arg in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("args,fragment", [(["--per-task", "0"], "--per-task"), (["--per-task", "-5"], "--per-task"),
+                                           (["--paths", ","], "--paths"), (["--paths", "torch-fp64"], "unknown")])
+def test_demo_eval_checks_its_arguments_before_evaluating(args, fragment):
+    r = _cli("vl2edge.demo_eval", "--model", TINY, *args)
+    assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr

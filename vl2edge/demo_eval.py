@@ -136,6 +136,10 @@ def main(argv=None) -> None:
     ap.add_argument("--json", type=Path, help="also write the results (answers included) here")
     a = ap.parse_args(argv)
     paths = [p.strip() for p in a.paths.split(",") if p.strip()]
+    if not 1 <= a.per_task <= 10_000:
+        ap.error(f"--per-task {a.per_task} must be in [1, 10000]")
+    if not paths:
+        ap.error(f"--paths names no path; known: {', '.join(PATHS)}")
     unknown = [p for p in paths if p not in PATHS]
     if unknown:
         print(f"error: unknown path(s) {', '.join(unknown)}; known: {', '.join(PATHS)}", file=sys.stderr)
