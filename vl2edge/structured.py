@@ -76,6 +76,7 @@ class TokenVocabulary:
     outside: np.ndarray
     inside: np.ndarray
     eos_id: int
+    punct: np.ndarray  # bool [V]: one character, not a letter or digit (what patterns gate on: @ . - : T ...)
 
     @classmethod
     def of(cls, processor, n_vocab: int) -> TokenVocabulary:
@@ -94,7 +95,8 @@ class TokenVocabulary:
             elif not any(c in "{[" for c in text):
                 outside[i] = len(text) / 1e4
             inside[i] = 3.0 if '"' in text else len(text) / 1e4
-        vocab = cls(tok, texts, outside, inside, processor.eos_id)
+        punct = np.array([len(t) == 1 and not t.isalnum() for t in texts])
+        vocab = cls(tok, texts, outside, inside, processor.eos_id, punct)
         _VOCABS[processor] = vocab
         return vocab
 
@@ -142,6 +144,7 @@ class JsonConstraint:
         self.fill = llg.numpy.fill_next_token_bitmask
         self.bits = llg.numpy.allocate_token_bitmask(1, vocab.outside.shape[0])
         self.string = (False, False)  # (inside a string, after a backslash) at the end of the answer so far
+        self.tried: set[int] = set()  # tokens of the current string so far (the closing plan's novelty rule)
         self.closing = False
         # the plan from the start: a schema no value satisfies (no first token, or no end) or whose shortest
         # answer the plan finds is longer than the budget is refused here, before the answer takes a place
@@ -159,25 +162,36 @@ class JsonConstraint:
         bits = np.unpackbits(self.bits.view(np.uint8), bitorder="little")[: self.vocab.outside.shape[0]]
         return bits.astype(bool)
 
-    def _closer(self, allowed: np.ndarray, string: tuple[bool, bool]) -> int:
-        """The closing plan's choice among the allowed tokens (eos once the JSON is complete)."""
+    def _closer(self, allowed: np.ndarray, string: tuple[bool, bool], tried: set[int] | None = None) -> int:
+        """The closing plan's choice among the allowed tokens (eos once the JSON is complete). Inside a string
+        whose pattern or format does not allow the quote yet (an e-mail needs its `@` and a domain), tokens
+        the plan has not tried in this string come first, single punctuation characters before the rest: the plan
+        walks through what the pattern allows instead of repeating the best-ranked token forever."""
         if allowed[self.vocab.eos_id]:
             return self.vocab.eos_id
         rank = self.vocab.inside if string[0] else self.vocab.outside
+        if string[0] and not (allowed & (self.vocab.inside >= 3)).any():  # no quote allowed yet
+            fresh = allowed.copy()
+            fresh[list(tried or ())] = False
+            for first in (fresh & self.vocab.punct, fresh):  # untried punctuation, then anything untried
+                if first.any():
+                    allowed = first
+                    break
         return int(np.argmax(np.where(allowed, rank, -np.inf)))
 
     def _measure(self) -> int:
         """Tokens the closing plan needs from here (MAX_PLAN + 1 when it does not finish within MAX_PLAN)."""
-        sim, string = self.matcher.deep_copy(), self.string
+        sim, string, tried = self.matcher.deep_copy(), self.string, self.tried
         for n in range(MAX_PLAN + 1):
             if sim.is_stopped():
                 return n
-            t = self._closer(self._allowed(sim), string)
+            t = self._closer(self._allowed(sim), string, tried)
             if t == self.vocab.eos_id:
                 return n + 1
             if not sim.consume_token(t):
                 return MAX_PLAN + 1
-            string = string_state(*string, self.vocab.texts[t])
+            was_inside, string = string[0], string_state(*string, self.vocab.texts[t])
+            tried = tried | {t} if was_inside and string[0] else set()
         return MAX_PLAN + 1
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
@@ -191,7 +205,7 @@ class JsonConstraint:
         self.since_check += 1
         if self.closing:
             only = np.zeros_like(allowed)
-            only[self._closer(allowed, self.string)] = True
+            only[self._closer(allowed, self.string, self.tried)] = True
             allowed = only
         out = np.array(logits, dtype=np.float32, copy=True)
         out[:, ~allowed] = -np.inf
@@ -199,7 +213,8 @@ class JsonConstraint:
 
     def consume(self, token: int) -> None:
         self.left -= 1
-        self.string = string_state(*self.string, self.vocab.texts[int(token)])
+        was_inside, self.string = self.string[0], string_state(*self.string, self.vocab.texts[int(token)])
+        self.tried = self.tried | {int(token)} if was_inside and self.string[0] else set()
         if not self.matcher.consume_token(int(token)):
             raise InputError(f"constrained decoding: token {int(token)} was not allowed "
                              f"({self.matcher.get_error()[:200]})")
