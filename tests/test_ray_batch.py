@@ -150,3 +150,17 @@ def test_cli_batch_on_ray_with_a_json_schema(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
     got, want = _records(tmp_path / "ray.jsonl"), _records(tmp_path / "local.jsonl")
     assert got == want and all(isinstance(r["json"], dict) or r["finish_reason"] == "length" for r in got)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--ray", "127.0.0.1:99999"], "a port 1-65535"), (["--ray", "host:"], "expected auto"),
+    (["--ray", "auto", "--cpus-per-actor", "nan"], "finite"), (["--ray", "auto", "--cpus-per-actor", "0"], "finite"),
+    (["--ray", "auto", "--gpus-per-actor", "inf"], "finite"), (["--ray", "auto", "--cpus-per-actor", "1e300"], "finite"),
+])
+def test_ray_options_are_judged_before_ray_is_touched(tmp_path, monkeypatch, capsys, args, fragment):
+    """Addresses, ports and per-actor resources at and past their edges: one line, exit 2, and Ray is never
+    started (ray.init would retry or wait for minutes)."""
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init was called"))
+    err = golden.cli_error(capsys, "batch", "--model", MODEL, golden.REF / "images" / "square_384.png", "--prompt",
+                           "Hi", "--out", tmp_path / "o.jsonl", *args, one_line=True)
+    assert fragment in err

@@ -19,12 +19,16 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 from .batch import Loader, answer_items, load_item
 from .errors import InputError
+
+MAX_ACTORS = 4096       # as the CLI's --actors
+MAX_PER_ACTOR = 1024.0  # CPUs or GPUs one actor may ask for
 
 
 class Answerer:
@@ -49,8 +53,10 @@ class RayJob:
 
     def __init__(self, model: str, load_kw: dict, prompt: str, gen_kw: dict, address: str | None = None,
                  actors: int = 2, cpus: float = 1, gpus: float = 0, max_batch: int = 8):
-        if actors < 1 or cpus <= 0 or gpus < 0:
-            raise InputError("--actors must be at least 1, --cpus-per-actor positive, --gpus-per-actor >= 0")
+        if not (1 <= actors <= MAX_ACTORS and math.isfinite(cpus) and 0 < cpus <= MAX_PER_ACTOR
+                and math.isfinite(gpus) and 0 <= gpus <= MAX_PER_ACTOR):
+            raise InputError(f"--actors must be in [1, {MAX_ACTORS}], --cpus-per-actor in (0, {MAX_PER_ACTOR}] and "
+                             f"--gpus-per-actor in [0, {MAX_PER_ACTOR}] (finite); got {actors}, {cpus}, {gpus}")
         self.model, self.load_kw, self.prompt, self.gen_kw = model, load_kw, prompt, gen_kw
         self.address, self.actors, self.cpus, self.gpus, self.max_batch = address, actors, cpus, gpus, max_batch
         _check_reachable(address)
@@ -110,8 +116,8 @@ def _check_reachable(address: str | None) -> None:
     if address is None or address == "auto":
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise InputError(f"--ray {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"--ray {address[:120]}: expected auto, HOST:PORT or ray://HOST:PORT (a port 1-65535)")
     try:
         socket.create_connection((host, int(port)), timeout=10).close()
     except OSError as e:
