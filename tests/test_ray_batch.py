@@ -155,7 +155,8 @@ def test_cli_batch_on_ray_with_a_json_schema(tmp_path):
 @pytest.mark.parametrize("args,fragment", [
     (["--ray", "127.0.0.1:99999"], "a port 1-65535"), (["--ray", "host:"], "expected auto"),
     (["--ray", "auto", "--cpus-per-actor", "nan"], "finite"), (["--ray", "auto", "--cpus-per-actor", "0"], "finite"),
-    (["--ray", "auto", "--gpus-per-actor", "inf"], "finite"), (["--ray", "auto", "--cpus-per-actor", "1e300"], "finite"),
+    (["--ray", "auto", "--gpus-per-actor", "inf"], "finite"),
+    (["--ray", "auto", "--cpus-per-actor", "1e300"], "finite"),
 ])
 def test_ray_options_are_judged_before_ray_is_touched(tmp_path, monkeypatch, capsys, args, fragment):
     """Addresses, ports and per-actor resources at and past their edges: one line, exit 2, and Ray is never
