@@ -76,7 +76,8 @@ def test_absurd_sizes_and_unknown_names_are_refused_by_name(pipe, arg, value):
             CALLS[arg](pipe, value)
     finally:
         pipe.start_batching(1)
-    assert arg.replace("path_or_id", "model") in str(err.value) or arg == "images"
+    names = {"path_or_id": "model", "quant": "recipe"}
+    assert names.get(arg, arg) in str(err.value) or arg == "images"
 
 
 def test_an_openai_style_response_format_is_refused_with_the_way_to_build_one(pipe):

@@ -175,7 +175,7 @@ def test_a_full_disk_leaves_nothing_behind(tmp_path, command):
     (["run", "--model", str(TINY), "--prompt", "hi", "--gpu-memory", "1e400"], "positive size"),
     (["serve", "--model", str(TINY), "--port", "99999"], "outside [1, 65535]"),
     (["serve", "--model", str(TINY), "--max-tokens", "0"], "outside [1,"),
-    (["serve", "--model", str(TINY), "--max-queue", "-1"], "outside [0,"),
+    (["serve", "--model", str(TINY), "--max-queue", "-1"], "outside [1,"),
     (["serve", "--model", str(TINY), "--api-key", ""], "API key is empty"),
     (["serve", "--model", str(TINY), "--api-key", "   "], "API key is empty"),
     (["run", "--model", "x" * 300, "--prompt", "hi"], "too long"),

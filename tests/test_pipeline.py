@@ -97,7 +97,8 @@ def test_hub_ids_resolve_through_the_hugging_face_cache(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == str(snap) and lines[1] == "3"
-    assert lines[2].startswith("ERR cannot fetch deepseek-ai/deepseek-vl2-small") and "hf download" in lines[2]
+    assert lines[2].startswith("ERR deepseek-ai/deepseek-vl2-small is not a local directory, not in the Hugging "
+                               "Face cache") and "hf download" in lines[2]
 
 
 def test_vl2model_is_exported_lazily():

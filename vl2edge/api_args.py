@@ -10,8 +10,6 @@ from typing import Any
 from .errors import InputError
 
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTS = ("int4-experts", "int8", "int4")
 VISION_GRAPHS = ("float", "int8")
 MAX_BATCH = 256          # answers sharing a decode step: far past what one machine serves
 MAX_CHUNK = 1 << 20      # prefill positions per step
@@ -53,8 +51,9 @@ def load_args(path_or_id: Any, device_: Any, dtype: Any, quant: Any, threads: An
     """`vl2edge.load`'s arguments (gpu_memory is parsed, with its own messages, by vl2edge.placement)."""
     model_path(path_or_id)
     device(device_)
-    choice(dtype, "dtype", DTYPES, none=True)
-    choice(quant, "quant", QUANTS, none=True)
+    for value, name in ((dtype, "dtype"), (quant, "quant")):  # unknown names: their loaders' own messages
+        if value is not None and not isinstance(value, str):
+            raise InputError(f"{name} must be a string or None, got {_name(value)}")
     integer(threads, "threads", 1, 4096, none=True)
     choice(vision, "vision", VISION_GRAPHS, none=True)
 

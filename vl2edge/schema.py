@@ -87,12 +87,12 @@ def read_bounded(path, what: str, max_bytes: int, error: type[VL2Error] = Config
             raise error(f"cannot read {what}: not a regular file")
         if st.st_size > max_bytes:
             raise error(f"{what} is {st.st_size:,} bytes; vl2edge reads at most {max_bytes:,} here")
-        try:
-            data = f.read(max_bytes + 1)
+        try:  # read() sizes its buffer by the request: ask for the file's size (+1 to see it grow), not the cap
+            data = f.read(st.st_size + 1)
         except OSError as e:
             raise error(f"cannot read {what}: {e.strerror or e}") from None
-    if len(data) > max_bytes:
-        raise error(f"{what} grew past {max_bytes:,} bytes while it was read")
+    if len(data) > st.st_size:
+        raise error(f"{what} grew while it was read (from {st.st_size:,} bytes); vl2edge reads a file that holds still")
     return data
 
 
