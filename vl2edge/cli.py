@@ -97,42 +97,9 @@ def _stats(res) -> str:
             f"TTFT {t['ttft_s']:.2f} s · {rate} · peak RSS {mem['peak_rss_bytes'] / 1e9:.2f} GB{gpu}")
 
 
-def draw_format(out: str) -> str:
-    """The picture format `--draw OUT` names by its suffix; a link or a non-file there is refused (checked
-    before the model loads, and again when writing)."""
-    from pathlib import Path
-
-    from PIL import Image
-
-    from .outputs import refuse_link
-
-    kind = Image.registered_extensions().get(Path(out).suffix.lower())
-    if kind is None:
-        raise InputError(f"cannot write {out}: name a picture file (.png, .jpg, ...) for --draw")
-    refuse_link(Path(out))
-    return kind
-
-
-def draw_boxes(images: list[str], boxes, out: str) -> None:
-    from .grounding import draw
-    from .processor import load_image
-
-    if not images:
-        raise InputError("--draw needs an image")
-    import io
-
-    from .outputs import write_file
-
-    kind = draw_format(out)
-    picture = io.BytesIO()
-    try:
-        draw(load_image(images[-1]), boxes).save(picture, format=kind)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot write {out}: {e}") from None
-    write_file(out, picture.getvalue())  # whole or not at all, never through a link
-
-
 def run(a) -> None:
+    from .grounding import draw_format, save_drawing
+
     if a.draw:
         draw_format(a.draw)
     options = _gen(a)  # a --json-schema file is read and compiled before the model loads
@@ -146,7 +113,11 @@ def run(a) -> None:
             sys.stdout.flush()
     res = gen.result
     if a.draw:
-        draw_boxes(a.image, res.boxes, a.draw)
+        if not a.image:
+            raise InputError("--draw needs an image")
+        from .images import load_image
+
+        save_drawing(load_image(a.image[-1]), res.boxes, a.draw)
     if a.json:
         extra = {}
         if pipe.plan is not None:

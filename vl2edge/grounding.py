@@ -5,6 +5,7 @@ height; pixels are `int(v / 999 * W)` as in the reference's demo
 (`deepseek_vl2/serve/app_modules/utils.py`, `parse_ref_bbox`). The
 parser never evaluates model output (the reference `eval`s it): it reads numbers with a regular
 expression, keeps every well-formed box and reports what it could not read instead of failing.
+`save_drawing` writes the picture with its boxes (`--draw OUT`) whole or not at all, never through a link.
 """
 
 from __future__ import annotations
@@ -86,3 +87,36 @@ def draw(image, boxes: list[Box], width: int = 3):
             d.rectangle([tx, ty, tx + tw + 4, ty + 13], fill=color)
             d.text((tx + 2, ty), b.label, fill=(255, 255, 255))
     return img
+
+
+def draw_format(out: str) -> str:
+    """The picture format `--draw OUT` names by its suffix; a link or a non-file there is refused (checked
+    before the model loads, and again when writing)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .errors import InputError
+    from .outputs import refuse_link
+
+    kind = Image.registered_extensions().get(Path(out).suffix.lower())
+    if kind is None:
+        raise InputError(f"cannot write {out}: name a picture file (.png, .jpg, ...) for --draw")
+    refuse_link(Path(out))
+    return kind
+
+
+def save_drawing(image, boxes: list[Box], out: str) -> None:
+    """`image` with `boxes` drawn, written to `out` in the format its suffix names."""
+    import io
+
+    from .errors import InputError
+    from .outputs import write_file
+
+    kind = draw_format(out)
+    picture = io.BytesIO()
+    try:
+        draw(image, boxes).save(picture, format=kind)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot write {out}: {e}") from None
+    write_file(out, picture.getvalue())
