@@ -17,8 +17,9 @@ def api_key(key: str | None) -> str | None:
     if key is None:
         return None
     if not key.strip():
-        raise InputError("the API key is empty (--api-key \"\" or an empty VL2EDGE_API_KEY, an unset variable?); "
-                         "give a key, or leave both out to serve without one")
+        raise InputError("the API key is empty (--api-key \"\" or an empty VL2EDGE_API_KEY, an unset variable?): "
+                         "refusing an empty API key, which would leave the server open to anyone; give a key, or "
+                         "leave both out to serve without one")
     if key != key.strip():
         raise InputError("the API key has spaces at its ends (a copy-paste?): clients cannot send them in "
                          "'Authorization: Bearer KEY'; pass the key without them")

@@ -66,6 +66,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from . import serve_options
 from .chat_request import (
     BODY,
     CappedBuffer,
@@ -77,7 +78,7 @@ from .chat_request import (
     response_format,
     to_conversation,
 )
-from .errors import InputError, VL2Error
+from .errors import VL2Error
 
 log = logging.getLogger("vl2edge.server")
 
@@ -230,9 +231,7 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
     """The app. `name` is the model id /v1/models reports; a request's `model` may also be one of `aliases`
     (the directory or hub id it was started with); `cors_origins` ("*" for any) enables CORS; `ui` serves
     the chat page (vl2edge/ui.html) at `/`."""
-    if api_key is not None and not api_key.strip():
-        raise InputError("refusing an empty API key: it would leave the server open to anyone (an unset shell "
-                         "variable?); pass a non-empty key, or none to run without authentication")
+    api_key = serve_options.api_key(api_key)  # the one rule for keys, the command line's too
     limits = (limits or Limits()).resolved(pipe.context_length)
     root = Path(allowed_root).resolve() if allowed_root else None
     names = tuple(dict.fromkeys((name, *aliases)))
