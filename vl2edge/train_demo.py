@@ -32,8 +32,10 @@ import argparse
 import json
 import math
 import random
+import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +44,11 @@ import torch.nn.functional as F
 
 from . import demo_tasks
 from .config import VL2Config
-from .errors import VL2Error
+from .errors import InputError, VL2Error
 from .outputs import OutputDir
 from .presets import tiny
 from .processor import Processor, ProcessorOutput
+from .train_state import TrainingRun, recipe_differences
 
 VARIANTS = ("mha", "mla-noaux")
 # Tiles the demo model sees: one 384 tile, or two side by side / stacked (the wide task needs two).
@@ -53,7 +56,7 @@ RESOLUTIONS = [[384, 384], [768, 384], [384, 768]]
 # Which task a batch holds, by phase: reading first (the slowest to learn: the number loss sits on the
 # plateau of the unconditional answer for ~800 number batches before it falls), then every task. (A
 # middle phase of one-figure grounding, "ground-one", learned no grounding in the mixed run: RESULTS.)
-PHASES = [(0.45, {"number": 0.8, "wide": 0.2}),
+PHASES = [(0.35, {"number": 0.8, "wide": 0.2}),
           (1.0, {"number": 0.35, "wide": 0.15, "ground": 0.35, "count": 0.15})]
 
 
@@ -88,15 +91,18 @@ def make_batch(processor: Processor, task: str, rows: int, rng: random.Random):
     return processor.collate([e for e, _ in encoded]), [n for _, n in encoded]
 
 
-def task_weights(step: int, steps: int) -> dict[str, float]:
-    """The task mix of step `step` of `steps` (PHASES)."""
-    return next(w for end, w in PHASES if step < end * steps or end >= 1.0)
+Phases = list[tuple[float, dict[str, float]]]  # (end as a share of the steps, task weights), in order
 
 
-def step_batch(seed: int, step: int, steps: int, rows: int, processor: Processor):
-    """Step `step`'s task and batch: a function of (seed, step, steps) alone, wherever it is made."""
+def task_weights(step: int, steps: int, phases: Phases = PHASES) -> dict[str, float]:
+    """The task mix of step `step` of `steps`."""
+    return next(w for end, w in phases if step < end * steps or end >= 1.0)
+
+
+def step_batch(seed: int, step: int, steps: int, rows: int, processor: Processor, phases: Phases = PHASES):
+    """Step `step`'s task and batch: a function of (seed, step, steps, phases) alone, wherever it is made."""
     rng = random.Random(seed * 1_000_003 + step)
-    weights = task_weights(step, steps)
+    weights = task_weights(step, steps, phases)
     task = rng.choices(list(weights), list(weights.values()))[0]
     return task, *make_batch(processor, task, rows, rng)
 
@@ -142,33 +148,93 @@ def save_weights(model, out: Path) -> None:
     write_checkpoint(out, {k: ("F32", s) for k, s in shapes.items()}, chunks(), metadata={"format": "pt"})
 
 
-def train(variant: str, out: Path, steps: int, seed: int, batch: int, lr: float, width: int = 128, hidden: int = 128,
-          patch: int = 32, bf16: bool = False, log=print) -> dict:
-    """Train from the seeded init for `steps` batches; weights written over `out`'s. bf16: autocast the
-    forward pass (AMX matmuls; master weights and optimizer state stay float32)."""
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides a run's weights; a resumed run must ask for the same."""
+
+    variant: str = "mha"
+    steps: int = 4000
+    seed: int = 0
+    batch: int = 8
+    lr: float = 1e-3
+    patch: int = 32
+    bf16: bool = False
+    phases: Phases = field(default_factory=lambda: PHASES)
+    init: str | None = None  # a trained demo model this run goes on from (its architecture, not variant/patch)
+
+    def to_dict(self) -> dict:
+        """Plain JSON values (phases as lists), as the checkpoint stores them."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+def _copy_model(src: Path, dst: Path) -> None:
+    """The model files of a trained demo model (not its training record) into `dst`."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in ("training.json", "training.log"):
+            shutil.copy2(f, dst / f.name)
+
+
+def train(recipe: Recipe, run: TrainingRun, resume: bool = False, checkpoint_s: float = 300.0, probe: int = 20,
+          log=print) -> dict:
+    """Train `recipe` in `run`'s directory, from its last checkpoint when `resume`. A checkpoint every
+    `checkpoint_s` seconds and at the end; each scores `probe` held-out examples a task into the log.
+    bf16: autocast the forward pass (master weights and optimizer state stay float32)."""
+    from .demo_eval import run as score
     from .models.loading import load_model
     from .models.model import VL2Model
     from .synthetic import write_model
 
-    torch.manual_seed(seed)
-    config = demo_config(variant, width, hidden, patch)
-    write_model(config, out, seed=seed)
-    model = VL2Model(config)  # owns its memory: the loaded one maps the file that is rewritten at the end
-    model.load_state_dict(load_model(out, dtype="float32", device="cpu").model.state_dict())
+    def say(line: str) -> None:
+        run.log(line)
+        log(line)
+
+    state = run.load() if resume else None
+    if state is None:
+        run.start()
+        torch.manual_seed(recipe.seed)
+        if recipe.init is None:
+            write_model(demo_config(recipe.variant, patch=recipe.patch), run.model_dir, seed=recipe.seed)
+        else:
+            _copy_model(Path(recipe.init), run.model_dir)
+    model = VL2Model(VL2Config.from_pretrained(run.model_dir))  # owns its memory (the file is rewritten)
+    model.load_state_dict(state["model"] if state else
+                          load_model(run.model_dir, dtype="float32", device="cpu").model.state_dict())
     frozen = ("e_score_correction_bias",)  # noaux_tc's balancing bias is not learned by gradient
     for n, p in model.named_parameters():
         p.requires_grad_(not n.endswith(frozen))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    steps = recipe.steps
+    opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    processor = Processor.from_pretrained(out)
-    t0 = time.perf_counter()
-    losses: dict[str, list[float]] = {t: [] for _, w in PHASES for t in w}
-    for step in range(steps):  # rendering in a second process was slower: it stalls torch's two threads
-        task, b, lens = step_batch(seed, step, steps, batch, processor)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    start, seconds = 0, 0.0
+    losses: dict[str, list[float]] = {t: [] for _, w in recipe.phases for t in w}
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        start, seconds, losses = state["step"], state["seconds"], state["losses"]
+        say(f"resumed at step {start}/{steps} ({seconds:.0f} s trained before)")
+    processor = Processor.from_pretrained(run.model_dir)
+
+    def checkpoint(step: int) -> None:
+        save_weights(model, run.model_dir)
+        rng = torch.get_rng_state()
+        run.save({"step": step, "recipe": recipe.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                  "schedule": sched.state_dict(), "rng": rng, "losses": losses, "seconds": seconds})
+        line = f"checkpoint at step {step}/{steps}"
+        if probe:
+            acc = score(run.model_dir, ["torch-fp32"], probe, log=lambda s: None)["torch-fp32"]["accuracy"]
+            line += f"  held-out ({probe} a task): " + json.dumps(acc)
+            torch.set_rng_state(rng)  # the probe leaves the run as it found it
+        say(line)
+
+    t0 = last = time.perf_counter()
+    for step in range(start, steps):  # rendering in a second process was slower: it stalls torch's two threads
+        task, b, lens = step_batch(recipe.seed, step, steps, recipe.batch, processor, recipe.phases)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
             loss = answer_loss(model, b, lens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -176,18 +242,38 @@ def train(variant: str, out: Path, steps: int, seed: int, batch: int, lr: float,
         opt.step()
         sched.step()
         losses[task].append(loss.item())
+        now = time.perf_counter()
+        seconds, t0 = seconds + now - t0, now
         if (step + 1) % 50 == 0 or step + 1 == steps:
             recent = {t: round(float(np.mean(v[-10:])), 3) for t, v in losses.items() if v}
-            log(f"step {step + 1}/{steps}  {time.perf_counter() - t0:.0f}s  lr {sched.get_last_lr()[0]:.2e}  {recent}")
-    save_weights(model, out)
-    return {"steps": steps, "seconds": round(time.perf_counter() - t0, 1),
+            say(f"step {step + 1}/{steps}  {seconds:.0f}s  lr {sched.get_last_lr()[0]:.2e}  {recent}")
+        if step + 1 == steps or now - last >= checkpoint_s:
+            checkpoint(step + 1)
+            t0 = last = time.perf_counter()  # the checkpoint's own time is not training time
+    return {"steps": steps, "seconds": round(seconds, 1),
             "final_loss": {t: round(float(np.mean(v[-20:])), 4) for t, v in losses.items() if v}}
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """"ground=0.6,number=0.4" -> {"ground": 0.6, "number": 0.4} (argparse type: bad text is a usage error)."""
+    mix = {}
+    for part in text.split(","):
+        task, _, weight = part.partition("=")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if task not in demo_tasks.TASKS or not (w > 0 and math.isfinite(w)):
+            raise argparse.ArgumentTypeError(f"{part!r}: want TASK=WEIGHT, TASK one of {', '.join(demo_tasks.TASKS)}, "
+                                             "WEIGHT a positive number")
+        mix[task] = w
+    return mix
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m vl2edge.train_demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", default="mha", choices=VARIANTS)
-    ap.add_argument("--out", required=True, type=Path, help="model directory to write")
+    ap.add_argument("--out", required=True, type=Path, help="model directory to write (when training ends)")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=8)
@@ -197,37 +283,105 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16", action="store_true", help="autocast the forward pass to bfloat16 (here 2x slower a step)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--eval", type=int, default=100, metavar="N", help="held-out examples per task scored at the end")
+    ap.add_argument("--init", type=Path, default=None, metavar="DIR",
+                    help="go on training this trained demo model (its architecture) instead of a fresh init")
+    ap.add_argument("--mix", type=parse_mix, default=None, metavar="TASK=W,...",
+                    help="one task mix for every step (default: the reading-first PHASES)")
+    ap.add_argument("--state", type=Path, default=None, metavar="DIR",
+                    help="where checkpoints and train.log are kept while training (default: OUT.training)")
+    ap.add_argument("--resume", action="store_true", help="go on from the last checkpoint in --state (same arguments)")
+    ap.add_argument("--checkpoint-minutes", type=float, default=5.0, help="minutes between checkpoints (default 5)")
+    ap.add_argument("--probe", type=int, default=20, metavar="N",
+                    help="held-out examples per task scored at each checkpoint, into the log (0: none)")
     a = ap.parse_args(argv)
-    bad = [f"--{k} {getattr(a, k)} must be {want}" for k, want, ok in (
+    bad = [f"--{k.replace('_', '-')} {getattr(a, k)} must be {want}" for k, want, ok in (
         ("steps", "at least 1", a.steps >= 1), ("batch", "in [1, 1024]", 1 <= a.batch <= 1024),
         ("lr", "a positive finite number", math.isfinite(a.lr) and a.lr > 0),
         ("patch", "a divisor of 384 from 8 to 64", 8 <= a.patch <= 64 and 384 % a.patch == 0),
-        ("eval", "in [0, 10000]", 0 <= a.eval <= 10000),
+        ("eval", "in [0, 10000]", 0 <= a.eval <= 10000), ("probe", "in [0, 1000]", 0 <= a.probe <= 1000),
+        ("checkpoint_minutes", "a number from 0 to 1440", 0 <= a.checkpoint_minutes <= 1440),
         ("threads", "at least 1", a.threads is None or a.threads >= 1)) if not ok]
     if bad:
         ap.error("; ".join(bad))
+    if a.init is not None and not (a.init / "config.json").is_file():
+        ap.error(f"--init {a.init}: not a model directory (no config.json)")
     if a.threads:
         torch.set_num_threads(a.threads)
+    recipe = Recipe(a.variant, a.steps, a.seed, a.batch, a.lr, a.patch, a.bf16,
+                    PHASES if a.mix is None else [(1.0, a.mix)], None if a.init is None else str(a.init.resolve()))
+    run = TrainingRun(a.state or a.out.with_name(a.out.name + ".training"))
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:  # refused before training: a folder that holds files (without --overwrite), a file, a link
         output = OutputDir(a.out, a.overwrite)
+        _check_resume(run, recipe, a.resume)
+        report = train(recipe, run, a.resume, 60 * a.checkpoint_minutes, a.probe, log=lambda s: print(s, flush=True))
+        _finish(a, recipe, run, report, [x for x in argv if x != "--resume"])
         with output as partial:  # the old model stays until the new one is whole
-            _train_into(a, partial, argv)
+            for f in run.model_dir.iterdir():
+                shutil.copy2(f, partial / f.name)
+        shutil.rmtree(run.where, ignore_errors=True)
     except VL2Error as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        stopped = run.stopped_at()
+        where = f"step {stopped['step']}" if stopped else "no checkpoint yet"
+        print(f"stopped ({where} saved in {run.where}); go on with the same command and --resume", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
-def _train_into(a, partial: Path, argv) -> None:
-    report = train(a.variant, partial, a.steps, a.seed, a.batch, a.lr, patch=a.patch, bf16=a.bf16,
-                   log=lambda s: print(s, flush=True))
-    from .demo_eval import HELDOUT_SEED, run
+def _check_resume(run: TrainingRun, recipe: Recipe, resume: bool) -> None:
+    """Refuses a resume with nothing to resume or another recipe, and a fresh start over a stopped run."""
+    stopped = run.stopped_at()
+    if resume and stopped is None:
+        raise InputError(f"nothing to resume: {run.where} holds no training checkpoint")
+    if resume:
+        changed = recipe_differences(stopped["recipe"], recipe.to_dict())
+        if changed:
+            raise InputError("--resume asks for another run than the stopped one: it was started with "
+                             + "; ".join(changed))
+        if stopped["step"] >= stopped["steps"]:
+            raise InputError(f"{run.where} holds a finished run; remove it to start again")
+    elif stopped is not None:
+        raise InputError(f"{run.where} holds a stopped run (step {stopped['step']} of {stopped['steps']}): "
+                         "pass --resume to go on, or remove it to start again")
 
-    report["heldout"] = {"seed": HELDOUT_SEED, "per_task": a.eval,
-                         "accuracy": run(partial, ["torch-fp32"], a.eval)["torch-fp32"]["accuracy"]}
-    report |= {"variant": a.variant, "seed": a.seed, "batch": a.batch, "lr": a.lr, "patch": a.patch, "bf16": a.bf16,
-               "command": "python -m vl2edge.train_demo " + " ".join(sys.argv[1:] if argv is None else argv)}
-    (partial / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+
+def _finish(a, recipe: Recipe, run: TrainingRun, report: dict, argv: list[str]) -> None:
+    """The held-out score and the record (training.json, training.log) in the trained model's directory."""
+    from .demo_eval import HELDOUT_SEED
+    from .demo_eval import run as score
+
+    history = None
+    if a.init is not None and (a.init / "training.json").is_file():
+        history = json.loads((a.init / "training.json").read_text())
+    report["heldout"] = {"seed": HELDOUT_SEED, "per_task": a.eval, "accuracy":
+                         score(run.model_dir, ["torch-fp32"], a.eval)["torch-fp32"]["accuracy"] if a.eval else None}
+    arch = {"variant": a.variant, "patch": a.patch} if a.init is None else \
+        {k: (history or {}).get(k) for k in ("variant", "patch")}
+    report |= {"phases": recipe.phases, **arch, "seed": a.seed, "batch": a.batch, "lr": a.lr, "bf16": a.bf16,
+               "machine": _machine(), "command": "python -m vl2edge.train_demo " + " ".join(argv)}
+    if a.init is not None:
+        report["init"] = history  # the run this one went on from, with its own history
+    (run.model_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    shutil.copy2(run.log_file, run.model_dir / "training.log")
+    print(json.dumps({k: v for k, v in report.items() if k != "init"}, indent=2))
+
+
+def _machine() -> str:
+    """The CPU model and core count, for the record."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 if __name__ == "__main__":
