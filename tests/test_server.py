@@ -56,9 +56,24 @@ def test_completion_equals_the_pipeline(client, pipe, square):
     ref = pipe.chat([{"role": "user", "content": "<image>\nDescribe this image."}], [square], max_new_tokens=8)
     assert body["choices"][0]["message"]["content"] == ref.text
     assert body["choices"][0]["finish_reason"] == ref.finish_reason
+    cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert body["usage"] == {"prompt_tokens": ref.prompt_tokens, "completion_tokens": 8,
-                             "total_tokens": ref.prompt_tokens + 8}
+                             "total_tokens": ref.prompt_tokens + 8, "prompt_tokens_details": {"cached_tokens": cached}}
+    assert ref.cached_tokens == ref.prompt_tokens - 2  # the server's request left the prompt in the prefix cache
     assert "boxes" in body["vl2edge"] and body["vl2edge"]["timings"]["new_tokens"] == 8
+
+
+def test_a_resent_conversation_reports_its_cached_tokens_and_answers_the_same(client, square):
+    """OpenAI clients resend the whole conversation: the next turn starts from the cached prefix."""
+    first = [image_message(data_url(square.rotate(90)), "What is this?")]
+    one = client.post("/v1/chat/completions", json={"messages": first, "max_tokens": 6}).json()
+    assert one["usage"]["prompt_tokens_details"]["cached_tokens"] < 10  # a new picture: the template's start
+    turn = first + [{"role": "assistant", "content": one["choices"][0]["message"]["content"]},
+                    {"role": "user", "content": "Say more."}]
+    two = client.post("/v1/chat/completions", json={"messages": turn, "max_tokens": 6}).json()
+    assert two["usage"]["prompt_tokens_details"]["cached_tokens"] >= one["usage"]["prompt_tokens"] - 2
+    again = client.post("/v1/chat/completions", json={"messages": turn, "max_tokens": 6}).json()
+    assert again["choices"][0]["message"]["content"] == two["choices"][0]["message"]["content"]
 
 
 def test_streaming_sends_the_same_text(client, square):

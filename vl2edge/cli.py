@@ -42,7 +42,7 @@ def build_prompt(prompt: str, n_images: int) -> str:
 def _load_kw(a) -> dict:
     """`pipeline.load`'s keywords from the model options."""
     return {"device": a.device, "dtype": a.dtype, "gpu_memory": a.gpu_memory, "quant": a.quant, "backend": a.backend,
-            "vision": a.vision_graph, "graph": not a.no_graph, "force": a.force}
+            "vision": a.vision_graph, "graph": not a.no_graph, "force": a.force, "prefix_cache": a.prefix_cache}
 
 
 def _load(a):
@@ -373,6 +373,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--gpu-memory", metavar="SIZE", default=None,
                        help="device memory budget, e.g. 6GiB: plan the placement and stream the routed experts "
                             "that do not fit from CPU memory (PyTorch backend)")
+        p.add_argument("--prefix-cache", metavar="SIZE", default=None,
+                       help="memory for prompts already read (default: 2GiB, or an eighth of this machine's memory "
+                            "if less; 0: off): a prompt that begins like an earlier one (a follow-up turn, another "
+                            "question about the same picture) starts from it and prefills only the rest")
         p.add_argument("--no-graph", action="store_true",
                        help="CUDA: run the static decode step eagerly instead of replaying it as a CUDA graph")
         p.add_argument("--force", action="store_true",

@@ -29,6 +29,7 @@ import numpy as np
 
 from .errors import InputError
 from .generate import DEFAULT_CHUNK, Sequence, SlotDecoder
+from .prefix_cache import Hit
 
 _END = object()
 
@@ -38,9 +39,12 @@ class Ticket:
     here)."""
 
     def __init__(self, embed: Callable[[], Any], length: int, sequence: Sequence, chunk_size: int,
-                 cancelled: Callable[[], bool] | None):
+                 cancelled: Callable[[], bool] | None, prefix: Hit | None = None,
+                 on_prefilled: Callable[[Any], None] | None = None):
         self.embed, self.sequence, self.chunk_size, self.length = embed, sequence, chunk_size, length
-        self.embeds: Any = None
+        self.prefix, self.on_prefilled = prefix, on_prefilled
+        self.start = prefix.length if prefix is not None else 0  # positions restored, not prefilled
+        self.embeds: Any = None         # positions start..length-1
         self.prefilled = 0              # prompt positions in the cache so far
         self.last: int | None = None    # the token chosen last (fed at the next step)
         self._cancel, self._asked = threading.Event(), cancelled
@@ -91,13 +95,16 @@ class Engine:
         self._closed = False
 
     def submit(self, embed: Callable[[], Any], length: int, sequence: Sequence, chunk_size: int | None = None,
-               cancelled: Callable[[], bool] | None = None) -> Ticket:
-        """Queue an answer: `embed()` gives its prompt's embeddings [1, length, D] (the backend's type; called by
-        the engine when the answer joins), `sequence` its sampling state."""
+               cancelled: Callable[[], bool] | None = None, prefix: Hit | None = None,
+               on_prefilled: Callable[[Any], None] | None = None) -> Ticket:
+        """Queue an answer: `embed()` gives its prompt's embeddings [1, length - start, D] (the backend's type;
+        called by the engine when the answer joins), `sequence` its sampling state. `prefix`: a stored prefix
+        whose `start` positions seed the row (vl2edge/prefix_cache.py); `on_prefilled(saved)` receives a copy of
+        the row's prompt positions once they are all in."""
         if length + sequence.max_new_tokens > self.max_len:
             raise InputError(f"the prompt ({length} tokens) and max_new_tokens ({sequence.max_new_tokens}) need "
                              f"{length + sequence.max_new_tokens} positions; a batch slot holds {self.max_len}")
-        ticket = Ticket(embed, length, sequence, chunk_size or self.chunk_size, cancelled)
+        ticket = Ticket(embed, length, sequence, chunk_size or self.chunk_size, cancelled, prefix, on_prefilled)
         with self._wake:
             if self._closed:
                 raise InputError("the engine is closed")
@@ -156,13 +163,19 @@ class Engine:
             self.decoder.clear_row(self.cache, row)
             t._end()
             return
-        end = min(t.prefilled + t.chunk_size, t.length)
         try:
             if t.embeds is None:
                 t.embeds = t.embed()
-                if int(t.embeds.shape[1]) != t.length:
-                    raise ValueError(f"embed() gave {t.embeds.shape[1]} positions, {t.length} were announced")
-            logits = self.decoder.prefill_row(t.embeds[:, t.prefilled:end], self.cache, row)
+                if int(t.embeds.shape[1]) != t.length - t.start:
+                    raise ValueError(f"embed() gave {t.embeds.shape[1]} positions, {t.length - t.start} were "
+                                     "announced")
+                if t.prefix is not None:
+                    self.cache.restore_row(row, t.prefix.saved, t.start)
+                t.prefilled = t.start
+            end = min(t.prefilled + t.chunk_size, t.length)
+            logits = self.decoder.prefill_row(t.embeds[:, t.prefilled - t.start:end - t.start], self.cache, row)
+            if end == t.length and t.on_prefilled is not None:
+                t.on_prefilled(self.cache.save_row(row, t.length))
         except Exception as e:  # a bad image, a broken prompt: this answer fails, the running ones go on
             self.joining = None
             self.decoder.clear_row(self.cache, row)

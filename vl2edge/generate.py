@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .config import VL2Config
+from .prefix_cache import Hit
 from .sampling import SamplingParams, adjust, choose
 
 DEFAULT_CHUNK = 512
@@ -132,13 +133,16 @@ def generate(decoder: Decoder, embeds, attention_mask: np.ndarray, *, max_new_to
              params: SamplingParams | None = None, rng: np.random.Generator | None = None,
              prompt_ids: np.ndarray | None = None, chunk_size: int = DEFAULT_CHUNK,
              constraint: Constraint | None = None, observe: Callable[[np.ndarray, np.ndarray], None] | None = None,
-             cancelled: Callable[[], bool] | None = None) -> Iterator[np.ndarray]:
+             cancelled: Callable[[], bool] | None = None, prefix: Hit | None = None,
+             on_prefilled: Callable[[Any], None] | None = None) -> Iterator[np.ndarray]:
     """Yield the next token of every row [B] until all rows produced eos or max_new_tokens is reached.
 
     A row that has finished keeps yielding eos. `prompt_ids` feed the repetition penalty's history.
     `constraint` (B = 1) masks each step's logits; `observe(logits, tokens)` (B = 1) sees each step's adjusted
     (and masked) logits [1, V] and its choice [1]; `cancelled()` is asked before the prompt and after every
-    step. The rows share `rng`, drawn row after row.
+    step. The rows share `rng`, drawn row after row. `prefix` (B = 1, vl2edge/prefix_cache.py): the prompt's
+    first `prefix.length` positions come from a stored prefix and `embeds` holds only the positions after them;
+    `on_prefilled(saved)` receives a copy of the cache's prompt positions once they are all in.
     """
     B, T = attention_mask.shape
     rng = rng if rng is not None else np.random.default_rng()
@@ -147,7 +151,13 @@ def generate(decoder: Decoder, embeds, attention_mask: np.ndarray, *, max_new_to
     if max_new_tokens <= 0 or (cancelled is not None and cancelled()):
         return
     cache = decoder.new_cache(B, T + max_new_tokens)
-    logits = prefill(decoder, embeds, attention_mask, cache, chunk_size)
+    start = 0
+    if prefix is not None:
+        cache.restore(prefix.saved, prefix.length)
+        start = prefix.length
+    logits = prefill(decoder, embeds, attention_mask[:, start:], cache, chunk_size)
+    if on_prefilled is not None:
+        on_prefilled(cache.save(T))
     rows = [Sequence(max_new_tokens=max_new_tokens, eos_id=eos_id, params=params, rng=rng,
                      prompt_ids=None if prompt_ids is None else np.asarray(prompt_ids[b])[attention_mask[b]],
                      constraint=constraint, observe=observe) for b in range(B)]

@@ -54,13 +54,33 @@ class OnnxCache:
     the graph updates in place (no copy of the cache per token).
     """
 
-    def __init__(self, pasts: dict[str, np.ndarray], batch: int, shared: bool):
+    def __init__(self, pasts: dict[str, np.ndarray], batch: int, shared: bool, axis: int):
         self.pasts, self.mask, self.length, self.shared = pasts, np.zeros((batch, 0), np.int64), 0, shared
+        self.axis = axis  # the sequence axis of every past tensor
         self.values = None
         if shared:
             import onnxruntime as ort
 
-            self.values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in pasts.items()}
+            self.values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in pasts.items()}  # the arrays' memory
+
+    def _first(self, length: int) -> tuple:
+        return (slice(0, 1),) + (slice(None),) * (self.axis - 1) + (slice(0, length),)
+
+    def save(self, length: int) -> dict[str, np.ndarray]:
+        """Copies of row 0's first `length` positions (vl2edge/prefix_cache.py)."""
+        return {n: a[self._first(length)].copy() for n, a in self.pasts.items()}
+
+    def restore(self, saved: dict[str, np.ndarray], length: int) -> None:
+        """An empty one-row cache starts with the first `length` positions of `saved`."""
+        if self.mask.shape != (1, 0):
+            raise ValueError("a prefix is restored into an empty cache of one row")
+        if self.shared:  # written into the buffers the graph updates in place
+            for n, a in self.pasts.items():
+                a[self._first(length)] = saved[n][self._first(length)]
+        else:
+            self.pasts = {n: np.ascontiguousarray(saved[n][self._first(length)]) for n in self.pasts}
+        self.mask = np.ones((1, length), np.int64)
+        self.length = length
 
 
 class OnnxSlots:
@@ -86,6 +106,16 @@ class OnnxSlots:
         if (self.lengths[rows] + T > self.max_len).any():
             raise InputError(f"slot full: {int(self.lengths[rows].max()) + T} positions needed, "
                              f"{self.max_len} allocated")
+
+    def save_row(self, row: int, length: int) -> dict[str, np.ndarray]:
+        """Copies of row `row`'s first `length` positions (`OnnxCache.save`'s layout)."""
+        return {n: b[self.seq(slice(row, row + 1), slice(0, length))].copy() for n, b in self.buffers.items()}
+
+    def restore_row(self, row: int, saved: dict[str, np.ndarray], length: int) -> None:
+        """Empty row `row` starts with the first `length` positions of `saved`."""
+        for n, b in self.buffers.items():
+            b[self.seq(slice(row, row + 1), slice(0, length))] = saved[n][self.seq(slice(None), slice(0, length))]
+        self.lengths[row] = length
 
 
 class OnnxModel:
@@ -185,7 +215,8 @@ class OnnxModel:
         shared = self.cache_layout.get("shared_buffer", False)
         shape = list(self.cache_layout["shape"])
         shape[0], shape[self.cache_layout["sequence_axis"]] = batch, max_len if shared else 0
-        return OnnxCache({n: np.zeros(shape, np.float32) for n in self.past_names}, batch, shared)
+        return OnnxCache({n: np.zeros(shape, np.float32) for n in self.past_names}, batch, shared,
+                         self.cache_layout["sequence_axis"])
 
     def _run(self, embeds: np.ndarray, cache: OnnxCache, mask: np.ndarray) -> np.ndarray:
         mask = np.asarray(mask, dtype=np.int64)

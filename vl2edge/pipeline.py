@@ -25,6 +25,7 @@ from .errors import InputError
 from .generate import DEFAULT_CHUNK, Backend, Sequence, generate
 from .grounding import parse as parse_grounding
 from .placement import Plan
+from .prefix_cache import PrefixCache, default_budget, parse_budget, prompt_key
 from .processor import Processor, check_compatible
 from .quant.recipes import MANIFEST
 from .sampling import SamplingParams, log_softmax
@@ -42,6 +43,7 @@ class Result:
     boxes: list = field(default_factory=list)        # grounding.Box: <|det|> boxes in pixels of the last image
     grounding_problems: list = field(default_factory=list)
     logprobs: list | None = None                     # per token (OpenAI's shape) when asked for
+    cached_tokens: int = 0                           # prompt positions restored from the prefix cache
 
 
 class TextStream:
@@ -91,6 +93,7 @@ class Generation:
         self._cancel = threading.Event()
         self._logprobs: list[dict] = []
         self._logprobs_sent = 0
+        self.cached_tokens = 0  # prompt positions the prefix cache gave (known once iteration starts)
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -116,24 +119,39 @@ class Generation:
         eos, rng, engine = pipe.processor.eos_id, np.random.default_rng(o.seed), pipe.engine
 
         times = {"embedded": t0}
+        prefixes = pipe.prefix_cache
+        key = None if prefixes is None else prompt_key(inputs)
+        hit = None  # two positions are always prefilled: a chunk of one runs other kernels
+        if prefixes is not None and key is not None:
+            hit = prefixes.match(key, max(T - 2, 0))
+        start = self.cached_tokens = hit.length if hit is not None else 0
 
-        def embed():  # here, or in the engine's thread when the answer joins the batch
-            embeds = pipe.backend.embed(inputs.input_ids, inputs.images, inputs.images_seq_mask,
-                                        inputs.images_spatial_crop)
+        def embed():  # here, or in the engine's thread when the answer joins the batch; positions start..T-1
+            if not inputs.images_seq_mask[0, start:].any():  # no image after the cached prefix: no vision tower
+                embeds = pipe.backend.embed(inputs.input_ids[:, start:])
+            else:
+                embeds = pipe.backend.embed(inputs.input_ids, inputs.images, inputs.images_seq_mask,
+                                            inputs.images_spatial_crop)[:, start:]
             times["embedded"] = time.perf_counter()
             return embeds
 
+        def store(saved) -> None:
+            assert prefixes is not None and key is not None  # passed only with a prefix cache
+            prefixes.store(key, saved)
+
+        keep = None if prefixes is None else store
         if engine is not None:
             ticket = engine.submit(embed, T, Sequence(max_new_tokens=max_new, eos_id=eos, params=o.sampling, rng=rng,
                                                       prompt_ids=inputs.input_ids[0], constraint=constraint,
                                                       observe=observe),
-                                   chunk_size=o.chunk_size, cancelled=self._cancel.is_set)
+                                   chunk_size=o.chunk_size, cancelled=self._cancel.is_set, prefix=hit,
+                                   on_prefilled=keep)
             tokens: Iterator[int] = iter(ticket)
         else:
             tokens = (int(tok[0]) for tok in generate(
                 pipe.backend, embed(), inputs.attention_mask, max_new_tokens=max_new, eos_id=eos, params=o.sampling,
                 rng=rng, prompt_ids=inputs.input_ids, chunk_size=o.chunk_size, constraint=constraint,
-                observe=observe, cancelled=self._cancel.is_set))
+                observe=observe, cancelled=self._cancel.is_set, prefix=hit, on_prefilled=keep))
         try:
             yield from self._text(tokens, eos, t0, times, inputs)
         finally:
@@ -171,7 +189,7 @@ class Generation:
         self.result = Result(
             text=text, token_ids=ids, finish_reason=reason, prompt_tokens=T,
             image_sizes=inputs.image_sizes[0], boxes=g.boxes, grounding_problems=g.problems,
-            logprobs=None if o.logprobs is None else self._logprobs[:len(ids)],
+            logprobs=None if o.logprobs is None else self._logprobs[:len(ids)], cached_tokens=self.cached_tokens,
             timings={"embed_s": times["embedded"] - t0, "ttft_s": (first or end) - t0, "total_s": end - t0,
                      "new_tokens": n, "decode_tok_s": (n - 1) / (end - first) if first and n > 1 else None})
 
@@ -203,6 +221,18 @@ class Pipeline:
     def __init__(self, processor: Processor, backend: Backend, context_length: int, plan: Plan | None = None):
         self.processor, self.backend, self.context_length, self.plan = processor, backend, context_length, plan
         self.engine: Engine | None = None
+        self.prefix_cache: PrefixCache | None = None
+
+    def use_prefix_cache(self, budget: int | str | None) -> None:
+        """Keep prompts' KV positions within `budget` bytes ("2GiB"; None: `prefix_cache.default_budget()`;
+        0: off) and start later prompts from the longest stored prefix they share (vl2edge/prefix_cache.py).
+        Backends whose cache cannot save and restore positions keep it off."""
+        size = default_budget() if budget is None else budget if isinstance(budget, int) else parse_budget(budget)
+        if isinstance(size, bool) or size < 0:
+            raise InputError(f"prefix cache budget must be a size in bytes >= 0, got {budget!r}")
+        probe = self.backend.new_cache(1, 1)
+        able = callable(getattr(probe, "save", None)) and callable(getattr(probe, "restore", None))
+        self.prefix_cache = PrefixCache(size) if size and able else None
 
     def start_batching(self, max_batch: int, max_len: int | None = None) -> None:
         """Answer through the continuous-batching engine (vl2edge/engine.py): up to `max_batch` answers share
@@ -268,7 +298,8 @@ BACKENDS = ("auto", "torch", "onnx")
 
 def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | None = None,
          threads: int | None = None, gpu_memory=None, backend: str | None = None,
-         vision: str | None = None, graph: bool = True, force: bool = False) -> Pipeline:
+         vision: str | None = None, graph: bool = True, force: bool = False,
+         prefix_cache: int | str | None = None) -> Pipeline:
     """A ready pipeline for a model directory or Hugging Face id.
 
     An ONNX export (`vl2edge export`, has manifest.json) runs on ONNX Runtime without torch (`threads`
@@ -284,7 +315,19 @@ def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | Non
     PyTorch model decodes through the static decode step (`vl2edge.models.decode_step`), replayed as a CUDA
     graph; `graph=False` runs that step eagerly. Before the CPU default downloads or exports anything, it
     checks from config.json alone that the model fits this machine (vl2edge/fits.py); `force` skips that.
+    `prefix_cache` ("2GiB", bytes, 0 = off; default `prefix_cache.default_budget()`): prompts' KV positions
+    kept so that a later prompt sharing their beginning prefills only the rest (vl2edge/prefix_cache.py).
     """
+    budget = None if prefix_cache is None else prefix_cache if isinstance(prefix_cache, int) \
+        else parse_budget(prefix_cache)
+    pipe = _build(path_or_id, device, dtype, quant, threads, gpu_memory, backend, vision, graph, force)
+    pipe.use_prefix_cache(budget)
+    return pipe
+
+
+def _build(path_or_id, device: str, dtype: str, quant: str | None, threads: int | None, gpu_memory,
+           backend: str | None, vision: str | None, graph: bool, force: bool) -> Pipeline:
+    """`load` without its prefix cache."""
     from .artifact import is_onnx_dir
     from .hub import config_dir, resolve
 

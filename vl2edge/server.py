@@ -368,7 +368,8 @@ def create_app(pipe, name: str = "vl2edge", api_key: str | None = None, allowed_
 
     def usage(res):
         return {"prompt_tokens": res.prompt_tokens, "completion_tokens": len(res.token_ids),
-                "total_tokens": res.prompt_tokens + len(res.token_ids)}
+                "total_tokens": res.prompt_tokens + len(res.token_ids),
+                "prompt_tokens_details": {"cached_tokens": res.cached_tokens}}  # from the prefix cache
 
     def run_locked(gen, ticket: _Ticket, each=None):
         """Wait for a place on the model (dropping out if the client has gone), then run `gen`; False when

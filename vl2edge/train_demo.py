@@ -335,7 +335,7 @@ def _check_resume(run: TrainingRun, recipe: Recipe, resume: bool) -> None:
     stopped = run.stopped_at()
     if resume and stopped is None:
         raise InputError(f"nothing to resume: {run.where} holds no training checkpoint")
-    if resume:
+    if resume and stopped is not None:
         changed = recipe_differences(stopped["recipe"], recipe.to_dict())
         if changed:
             raise InputError("--resume asks for another run than the stopped one: it was started with "

@@ -96,6 +96,31 @@ class KVCache:
         self.key_mask.zero_()
         self.positions.zero_()
 
+    def save(self, length: int, row: int = 0) -> dict[str, torch.Tensor]:
+        """Copies of row `row`'s first `length` positions, [L, 1, ...] (vl2edge/prefix_cache.py)."""
+        if self.latent is not None:
+            return {"latent": self.latent[:, row:row + 1, :length].clone()}
+        assert self.k is not None and self.v is not None  # an MHA cache
+        return {"k": self.k[:, row:row + 1, :, :length].clone(), "v": self.v[:, row:row + 1, :, :length].clone()}
+
+    def write_rows(self, saved: dict[str, torch.Tensor], length: int, row: int) -> None:
+        """The first `length` positions of `saved` (a `save` output) into row `row`'s buffers."""
+        for name, t in saved.items():
+            buf = getattr(self, name)
+            if name == "latent":
+                buf[:, row:row + 1, :length] = t[:, :, :length]
+            else:
+                buf[:, row:row + 1, :, :length] = t[:, :, :, :length]
+
+    def restore(self, saved: dict[str, torch.Tensor], length: int) -> None:
+        """An empty one-row cache starts with the first `length` positions of `saved` (no padding in them)."""
+        if self.batch != 1 or self.length:
+            raise ValueError("a prefix is restored into an empty cache of one row")
+        self.write_rows(saved, length, 0)
+        self.key_mask[0, :length] = True
+        self.positions[0] = length
+        self.length = length
+
     def begin_at(self, cursor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Open one position per row at index `cursor` [1] (a device tensor): (position_ids [B, 1],
         attention mask [B, 1, 1, max_len]). Positions never opened stay unmarked, so attending over the

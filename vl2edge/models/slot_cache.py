@@ -49,6 +49,15 @@ class SlotCache:
     def clear(self, row: int) -> None:
         self.lengths[row] = 0
 
+    def save_row(self, row: int, length: int) -> dict[str, torch.Tensor]:
+        """Copies of row `row`'s first `length` positions (vl2edge/prefix_cache.py; `KVCache.save`'s layout)."""
+        return self.buffers.save(length, row)
+
+    def restore_row(self, row: int, saved: dict[str, torch.Tensor], length: int) -> None:
+        """Empty row `row` starts with the first `length` positions of `saved`."""
+        self.buffers.write_rows(saved, length, row)
+        self.lengths[row] = length
+
     def reserve(self, row: int, T: int) -> int:
         """The first of T new positions of `row`; refuses a row that would outgrow its slot."""
         n = self.lengths[row]
