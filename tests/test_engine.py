@@ -51,7 +51,7 @@ def _single(decoder, embeds, new: int, **kw) -> list[int]:
 def _batched(decoder, prompts, news, max_batch=3, chunk=16, max_len=128, **kw) -> list[list[int]]:
     engine = Engine(decoder, max_batch=max_batch, max_len=max_len, chunk_size=chunk)
     try:
-        tickets = [engine.submit(lambda e=e: e, e.shape[1], Sequence(max_new_tokens=n, eos_id=None, **kw))
+        tickets = [engine.submit(lambda _start, e=e: e, e.shape[1], Sequence(max_new_tokens=n, eos_id=None, **kw))
                    for e, n in zip(prompts, news)]
         answers = [list(t) for t in tickets]
     finally:
@@ -124,7 +124,7 @@ def test_each_row_keeps_its_own_sampling(decoder):
                              prompt_ids=ids[:n]))
     engine = Engine(decoder, max_batch=3, max_len=96)
     try:
-        assert [list(engine.submit(lambda e=e: e, e.shape[1], s)) for e, s in zip(prompts, seqs)] == single
+        assert [list(engine.submit(lambda _start, e=e: e, e.shape[1], s)) for e, s in zip(prompts, seqs)] == single
     finally:
         engine.close()
 
@@ -136,7 +136,7 @@ def test_cancelling_one_row_leaves_the_others_intact(torch_models):
     engine = Engine(model, max_batch=3, max_len=96)
     stop = threading.Event()
     try:
-        tickets = [engine.submit(lambda e=e: e, e.shape[1], Sequence(max_new_tokens=20, eos_id=None),
+        tickets = [engine.submit(lambda _start, e=e: e, e.shape[1], Sequence(max_new_tokens=20, eos_id=None),
                                  cancelled=stop.is_set if i == 1 else None) for i, e in enumerate(prompts)]
         cut = []
         for tok in tickets[1]:
@@ -156,7 +156,7 @@ def test_eos_ends_a_row_at_once(torch_models):
     eos = alone[4]
     engine = Engine(model, max_batch=2, max_len=96)
     try:
-        got = list(engine.submit(lambda: e, e.shape[1], Sequence(max_new_tokens=10, eos_id=eos)))
+        got = list(engine.submit(lambda _start: e, e.shape[1], Sequence(max_new_tokens=10, eos_id=eos)))
     finally:
         engine.close()
     assert got == alone[:alone.index(eos) + 1]
@@ -169,25 +169,25 @@ def test_a_failing_prompt_or_step_fails_its_answers_only(torch_models):
     prompts = _prompts(model)[:2]
     alone = _single(model, prompts[1], 6)
 
-    def bad_image():
+    def bad_image(_start):
         raise InputError("cannot read image x.png")
 
     engine = Engine(model, max_batch=2, max_len=96)
     try:
         bad = engine.submit(bad_image, 30, Sequence(max_new_tokens=6, eos_id=None))
-        good = engine.submit(lambda: prompts[1], prompts[1].shape[1], Sequence(max_new_tokens=6, eos_id=None))
+        good = engine.submit(lambda _start: prompts[1], prompts[1].shape[1], Sequence(max_new_tokens=6, eos_id=None))
         with pytest.raises(InputError, match="x.png"):
             list(bad)
         assert list(good) == alone
         T = prompts[1].shape[1]
-        running = engine.submit(lambda: prompts[1], T, Sequence(max_new_tokens=12, eos_id=None))
+        running = engine.submit(lambda _start: prompts[1], T, Sequence(max_new_tokens=12, eos_id=None))
         first = next(iter(running))  # running when the broken prompt joins
-        broken = engine.submit(lambda: prompts[0][:, :, :8], prompts[0].shape[1],
+        broken = engine.submit(lambda _start: prompts[0][:, :, :8], prompts[0].shape[1],
                                Sequence(max_new_tokens=6, eos_id=None))
         with pytest.raises(RuntimeError):  # a wrong-width embedding breaks its prefill, and only its own
             list(broken)
         assert [first, *running] == _single(model, prompts[1], 12)
-        again = engine.submit(lambda: prompts[1], T, Sequence(max_new_tokens=6, eos_id=None))
+        again = engine.submit(lambda _start: prompts[1], T, Sequence(max_new_tokens=6, eos_id=None))
         assert list(again) == alone
     finally:
         engine.close()
@@ -223,10 +223,10 @@ def test_a_row_that_fails_at_any_choice_ends_alone_and_frees_its_place(torch_mod
         for k in range(5):  # more failing rows than places, between good ones
             at = int(rng.integers(1, 6))
             seq = Sequence(max_new_tokens=8, eos_id=None, constraint=FailingConstraint(at))
-            tickets.append((at, engine.submit(lambda e=prompts[k % 4]: e, prompts[k % 4].shape[1], seq)))
+            tickets.append((at, engine.submit(lambda _start, e=prompts[k % 4]: e, prompts[k % 4].shape[1], seq)))
             if k % 2:
                 i = (0, 2)[k % 4 // 2]
-                tickets.append((None, engine.submit(lambda e=prompts[i]: e, prompts[i].shape[1],
+                tickets.append((None, engine.submit(lambda _start, e=prompts[i]: e, prompts[i].shape[1],
                                                     Sequence(max_new_tokens=8, eos_id=None)), i))
         for entry in tickets:
             at, ticket = entry[0], entry[1]
@@ -240,7 +240,7 @@ def test_a_row_that_fails_at_any_choice_ends_alone_and_frees_its_place(torch_mod
                     got.append(tok)
             assert len(got) == at - 1
         assert not engine.running and engine.joining is None
-        last = engine.submit(lambda: prompts[0], prompts[0].shape[1], Sequence(max_new_tokens=8, eos_id=None))
+        last = engine.submit(lambda _start: prompts[0], prompts[0].shape[1], Sequence(max_new_tokens=8, eos_id=None))
         assert list(last) == alone[0]
     finally:
         engine.close()
@@ -251,7 +251,7 @@ def test_a_prompt_longer_than_a_slot_is_refused(torch_models):
     engine = Engine(model, max_batch=1, max_len=32)
     try:
         with pytest.raises(InputError, match="a batch slot holds 32"):
-            engine.submit(lambda: None, 40, Sequence(max_new_tokens=4, eos_id=None))
+            engine.submit(lambda _start: None, 40, Sequence(max_new_tokens=4, eos_id=None))
     finally:
         engine.close()
 

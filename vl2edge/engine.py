@@ -38,12 +38,12 @@ class Ticket:
     """One answer in the engine: iterate for its token ids (a failure of its embedding or of its step is raised
     here)."""
 
-    def __init__(self, embed: Callable[[], Any], length: int, sequence: Sequence, chunk_size: int,
-                 cancelled: Callable[[], bool] | None, prefix: Hit | None = None,
+    def __init__(self, embed: Callable[[int], Any], length: int, sequence: Sequence, chunk_size: int,
+                 cancelled: Callable[[], bool] | None, lookup: Callable[[], Hit | None] | None = None,
                  on_prefilled: Callable[[Any], None] | None = None):
         self.embed, self.sequence, self.chunk_size, self.length = embed, sequence, chunk_size, length
-        self.prefix, self.on_prefilled = prefix, on_prefilled
-        self.start = prefix.length if prefix is not None else 0  # positions restored, not prefilled
+        self.lookup, self.on_prefilled = lookup, on_prefilled
+        self.start = 0                  # positions restored from a stored prefix, not prefilled
         self.embeds: Any = None         # positions start..length-1
         self.prefilled = 0              # prompt positions in the cache so far
         self.last: int | None = None    # the token chosen last (fed at the next step)
@@ -94,17 +94,18 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def submit(self, embed: Callable[[], Any], length: int, sequence: Sequence, chunk_size: int | None = None,
-               cancelled: Callable[[], bool] | None = None, prefix: Hit | None = None,
+    def submit(self, embed: Callable[[int], Any], length: int, sequence: Sequence, chunk_size: int | None = None,
+               cancelled: Callable[[], bool] | None = None, lookup: Callable[[], Hit | None] | None = None,
                on_prefilled: Callable[[Any], None] | None = None) -> Ticket:
-        """Queue an answer: `embed()` gives its prompt's embeddings [1, length - start, D] (the backend's type;
-        called by the engine when the answer joins), `sequence` its sampling state. `prefix`: a stored prefix
-        whose `start` positions seed the row (vl2edge/prefix_cache.py); `on_prefilled(saved)` receives a copy of
-        the row's prompt positions once they are all in."""
+        """Queue an answer: `embed(start)` gives its prompt's embeddings from position `start` on, [1, length -
+        start, D] (the backend's type; called by the engine when the answer joins), `sequence` its sampling
+        state. `lookup()` (vl2edge/prefix_cache.py), asked when the answer joins, so that it finds what the
+        answers before it stored: a stored prefix whose positions seed the row; `on_prefilled(saved)` receives
+        a copy of the row's prompt positions once they are all in."""
         if length + sequence.max_new_tokens > self.max_len:
             raise InputError(f"the prompt ({length} tokens) and max_new_tokens ({sequence.max_new_tokens}) need "
                              f"{length + sequence.max_new_tokens} positions; a batch slot holds {self.max_len}")
-        ticket = Ticket(embed, length, sequence, chunk_size or self.chunk_size, cancelled, prefix, on_prefilled)
+        ticket = Ticket(embed, length, sequence, chunk_size or self.chunk_size, cancelled, lookup, on_prefilled)
         with self._wake:
             if self._closed:
                 raise InputError("the engine is closed")
@@ -165,12 +166,14 @@ class Engine:
             return
         try:
             if t.embeds is None:
-                t.embeds = t.embed()
+                hit = t.lookup() if t.lookup is not None else None
+                t.start = hit.length if hit is not None else 0
+                t.embeds = t.embed(t.start)
                 if int(t.embeds.shape[1]) != t.length - t.start:
                     raise ValueError(f"embed() gave {t.embeds.shape[1]} positions, {t.length - t.start} were "
                                      "announced")
-                if t.prefix is not None:
-                    self.cache.restore_row(row, t.prefix.saved, t.start)
+                if hit is not None:
+                    self.cache.restore_row(row, hit.saved, t.start)
                 t.prefilled = t.start
             end = min(t.prefilled + t.chunk_size, t.length)
             logits = self.decoder.prefill_row(t.embeds[:, t.prefilled - t.start:end - t.start], self.cache, row)

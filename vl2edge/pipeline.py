@@ -25,7 +25,7 @@ from .errors import InputError
 from .generate import DEFAULT_CHUNK, Backend, Sequence, generate
 from .grounding import parse as parse_grounding
 from .placement import Plan
-from .prefix_cache import PrefixCache, default_budget, parse_budget, prompt_key
+from .prefix_cache import Hit, PrefixCache, default_budget, parse_budget, prompt_key
 from .processor import Processor, check_compatible
 from .quant.recipes import MANIFEST
 from .sampling import SamplingParams, log_softmax
@@ -121,12 +121,15 @@ class Generation:
         times = {"embedded": t0}
         prefixes = pipe.prefix_cache
         key = None if prefixes is None else prompt_key(inputs)
-        hit = None  # two positions are always prefilled: a chunk of one runs other kernels
-        if prefixes is not None and key is not None:
-            hit = prefixes.match(key, max(T - 2, 0))
-        start = self.cached_tokens = hit.length if hit is not None else 0
 
-        def embed():  # here, or in the engine's thread when the answer joins the batch; positions start..T-1
+        def lookup() -> Hit | None:  # here, or when the answer joins the batch (after those before it stored)
+            if prefixes is None or key is None:
+                return None
+            hit = prefixes.match(key, max(T - 2, 0))  # two positions always prefilled: one runs other kernels
+            self.cached_tokens = hit.length if hit is not None else 0
+            return hit
+
+        def embed(start: int):  # positions start..T-1; here, or in the engine's thread when the answer joins
             if not inputs.images_seq_mask[0, start:].any():  # no image after the cached prefix: no vision tower
                 embeds = pipe.backend.embed(inputs.input_ids[:, start:])
             else:
@@ -144,14 +147,16 @@ class Generation:
             ticket = engine.submit(embed, T, Sequence(max_new_tokens=max_new, eos_id=eos, params=o.sampling, rng=rng,
                                                       prompt_ids=inputs.input_ids[0], constraint=constraint,
                                                       observe=observe),
-                                   chunk_size=o.chunk_size, cancelled=self._cancel.is_set, prefix=hit,
+                                   chunk_size=o.chunk_size, cancelled=self._cancel.is_set, lookup=lookup,
                                    on_prefilled=keep)
             tokens: Iterator[int] = iter(ticket)
         else:
+            hit = lookup()
             tokens = (int(tok[0]) for tok in generate(
-                pipe.backend, embed(), inputs.attention_mask, max_new_tokens=max_new, eos_id=eos, params=o.sampling,
-                rng=rng, prompt_ids=inputs.input_ids, chunk_size=o.chunk_size, constraint=constraint,
-                observe=observe, cancelled=self._cancel.is_set, prefix=hit, on_prefilled=keep))
+                pipe.backend, embed(self.cached_tokens), inputs.attention_mask, max_new_tokens=max_new, eos_id=eos,
+                params=o.sampling, rng=rng, prompt_ids=inputs.input_ids, chunk_size=o.chunk_size,
+                constraint=constraint, observe=observe, cancelled=self._cancel.is_set, prefix=hit,
+                on_prefilled=keep))
         try:
             yield from self._text(tokens, eos, t0, times, inputs)
         finally:
