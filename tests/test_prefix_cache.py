@@ -30,13 +30,13 @@ def pipes(tmp_path_factory):
     for v in ("tiny", "base"):
         onnx_dir = export(golden.model_dir(v), root / v, "float32", vision="float", progress=False)
         for kind in ("torch", "onnx"):
-            def make():
+            def make(kind=kind, v=v, onnx_dir=onnx_dir):
                 if kind == "torch":
                     return load(golden.model_dir(v), backend="torch", dtype="float32", device="cpu")
                 return load(onnx_dir, threads=2)
-            cached, plain = make(), make()
-            cached.use_prefix_cache("256MiB")
-            out[kind, v] = (cached, plain)
+            out[kind, v] = (make(), make())
+            out[kind, v][0].use_prefix_cache("256MiB")
+            out[kind, v][1].use_prefix_cache(0)
     return out
 
 
@@ -125,7 +125,7 @@ def test_a_changed_image_or_earlier_turn_never_hits_past_the_change(pipes):
     kt, kc = prompt_key(proc(turn, [])), prompt_key(proc(changed, []))
     store.store(kt, {"x": np.zeros(4)})
     split = int(np.argmin(kt[:len(kc)] == kc[:len(kt)]))
-    assert 0 < split and store.match(kc, len(kc)).length == split
+    assert split > 0 and store.match(kc, len(kc)).length == split
 
 
 def test_a_hit_on_the_image_skips_the_vision_tower(pipes, monkeypatch):

@@ -1,8 +1,11 @@
-"""Batch jobs: one prompt over files, folders and PDFs, results as JSON lines.
+"""Batch jobs: one prompt, or several (`--prompts`), over files, folders and PDFs, results as JSON lines.
 
 Folders are walked (sorted, recursively, symlinked folders not followed) for images and PDFs; PDF
 pages are rendered with pypdfium2. Each result line carries the source as typed, `source_path` (the
-file's resolved absolute path), the page (PDFs), the answer, the grounding boxes and the timings.
+file's resolved absolute path), the page (PDFs), the answer, the grounding boxes and the timings. With
+several prompts each page is read once and asked every prompt in order (one line per page and prompt, which
+carries its `prompt`): the prefix cache (vl2edge/prefix_cache.py) gives the later prompts the page's
+image positions, so only the first pays for the vision tower and the page's prefill.
 
 Bad input, and what it gets:
 - A file that cannot be read (any bad image, see `vl2edge.images`; a broken PDF or page) gets an
@@ -15,7 +18,8 @@ Bad input, and what it gets:
   job with an `InputError` naming the file and the reason. The writer ignores SIGXFSZ (from the main
   thread; `outputs.ignore_file_size_signal`), so a file-size limit raises EFBIG instead of killing us.
   An `--out` that is a folder, not a regular file, under a file or not writable is refused up front.
-- Resume matches (source_path, page); old lines without `source_path` match their resolved `source`.
+- Resume matches (source_path, page, prompt); old lines without `source_path` match their resolved
+  `source`; lines without `prompt` are single-prompt jobs' lines.
   A last line that does not parse or lacks its newline is a torn write: it is cut off and its item
   redone. Any other line that is not a result line is an error naming its number; nothing is dropped.
 """
@@ -34,7 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import InputError, VL2Error
-from .images import SUFFIXES, check_size, display_name, open_file
+from .images import SUFFIXES, check_size, display_name, load_image, open_file
 from .outputs import NO_FOLLOW, ignore_file_size_signal, os_reason
 from .schema import check_text
 
@@ -44,7 +48,8 @@ RECORD_PREFIX = b'{"source": '  # how every result line starts (a torn tail must
 PDF_MAGIC = b"%PDF-"
 MAX_PROMPT_FILE_BYTES = 2**20  # a prompt is at most a context (a few thousand tokens) long
 
-Key = tuple[str, int | None]  # (canonical source, page)
+Key = tuple[str, int | None, str | None]  # (canonical source, page, prompt: None in a single-prompt job)
+MAX_PROMPTS = 1000     # prompts in a --prompts file
 Loader = Callable[[], object]
 
 
@@ -192,10 +197,12 @@ def _record_key(r) -> Key | None:
     """(canonical source, page) of a parsed result line, or None when it is not one."""
     if not isinstance(r, dict) or not isinstance(r.get("source"), str):
         return None
-    page, source_path = r.get("page"), r.get("source_path")
+    page, source_path, prompt = r.get("page"), r.get("source_path"), r.get("prompt")
     if not (page is None or (isinstance(page, int) and not isinstance(page, bool))):
         return None
-    return (source_path if isinstance(source_path, str) else canonical(r["source"])), page
+    if not (prompt is None or isinstance(prompt, str)):
+        return None
+    return (source_path if isinstance(source_path, str) else canonical(r["source"])), page, prompt
 
 
 def read_done(out: Path) -> tuple[set[Key], int]:
@@ -301,23 +308,67 @@ def _check_out(out: Path, resume: bool) -> None:
         raise InputError(f"cannot write {name}: cannot create its folder ({os_reason(e)})") from None
 
 
-def read_prompt_file(path) -> str:
-    """The prompt in a --prompt-file: a readable regular file of at most MAX_PROMPT_FILE_BYTES of UTF-8 text;
-    an InputError naming the file otherwise. (For `vl2edge batch --prompt-file`.)"""
+def read_prompt_file(path, option: str = "--prompt-file") -> str:
+    """The text of a prompt file: a readable regular file of at most MAX_PROMPT_FILE_BYTES of UTF-8 text; an
+    InputError naming the file (and `option`) otherwise. (For `vl2edge batch --prompt-file`.)"""
     name = display_name(path)
     try:
         with open_file(path, "file") as f:
             data = f.read(MAX_PROMPT_FILE_BYTES + 1)
     except InputError as e:
-        raise InputError(f"cannot read --prompt-file: {e}") from None
+        raise InputError(f"cannot read {option}: {e}") from None
     except OSError as e:
-        raise InputError(f"cannot read --prompt-file {name}: {os_reason(e)}") from None
+        raise InputError(f"cannot read {option} {name}: {os_reason(e)}") from None
     if len(data) > MAX_PROMPT_FILE_BYTES:
-        raise InputError(f"--prompt-file {name} is over {MAX_PROMPT_FILE_BYTES:,} bytes: far beyond any context")
+        raise InputError(f"{option} {name} is over {MAX_PROMPT_FILE_BYTES:,} bytes: far beyond any context")
     try:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError as e:
-        raise InputError(f"--prompt-file {name} is not valid UTF-8 text (byte {e.start})") from None
+        raise InputError(f"{option} {name} is not valid UTF-8 text (byte {e.start})") from None
+
+
+def read_prompts_file(path) -> list[str]:
+    """The prompts of a --prompts file: a JSON list of strings, or one prompt per line (blank lines skipped);
+    1 to MAX_PROMPTS of them, no two alike (a result line is found again by its prompt)."""
+    name, text = display_name(path), read_prompt_file(path, "--prompts")
+    if text.startswith("["):
+        try:
+            prompts = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise InputError(f"--prompts {name} starts like a JSON list but is not valid JSON ({e})") from None
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise InputError(f"--prompts {name}: a JSON --prompts file is a list of strings")
+        prompts = [p.strip() for p in prompts]
+    else:
+        prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p]
+    if not 1 <= len(prompts) <= MAX_PROMPTS:
+        raise InputError(f"--prompts {name} holds {len(prompts)} prompts; give 1 to {MAX_PROMPTS}")
+    twice = next((p for i, p in enumerate(prompts) if p in prompts[:i]), None)
+    if twice is not None:
+        raise InputError(f"--prompts {name} asks {twice[:60]!r} twice; each prompt once")
+    for p in prompts:
+        check_text(p, "a prompt", InputError)
+    return prompts
+
+
+def once(load: Loader) -> Loader:
+    """`load`, run at the first call only, an image file decoded there: a page asked several prompts is read
+    (or rendered) once."""
+    done: list = []
+
+    def again():
+        if not done:
+            try:
+                value = load()
+                done.append((load_image(value) if isinstance(value, (str, Path)) else value, None))
+            except VL2Error as e:
+                done.append((None, e))
+        value, error = done[0]
+        if error is not None:
+            raise error
+        return value
+    return again
 
 
 def parsed_json(text: str):
@@ -328,13 +379,16 @@ def parsed_json(text: str):
         return None
 
 
-def run_batch(pipe, inputs: list[str], prompt: str, out, resume: bool = False, progress: bool = True,
+def run_batch(pipe, inputs: list[str], prompt: str | list[str], out, resume: bool = False, progress: bool = True,
               answer: Callable[[Iterator], Iterator[dict | None]] | None = None, **gen_kw) -> dict:
-    """Answer `prompt` about every image/page; returns counts {"done", "skipped", "failed"}. With the pipeline's
-    batching engine on (`Pipeline.start_batching`), up to its `max_batch` pages are answered together; the
-    results are still written in input order, each whole before the next. `answer`: what turns the items to
-    do into records instead of `answer_items` over `pipe` (`vl2edge.ray_batch.RayJob`; `pipe` is then None)."""
-    check_text(prompt, "the prompt", InputError)
+    """Answer `prompt` about every image/page, or each of a list of prompts (each page read once; each line
+    then carries its `prompt`); returns counts {"done", "skipped", "failed"}. With the pipeline's batching
+    engine on (`Pipeline.start_batching`), up to its `max_batch` answers run together; the results are still
+    written in input order, each whole before the next. `answer`: what turns the items to do into records
+    instead of `answer_items` over `pipe` (`vl2edge.ray_batch.RayJob`; `pipe` is then None)."""
+    asked: list[str | None] = [None] if isinstance(prompt, str) else list(prompt)
+    for p in [prompt] if isinstance(prompt, str) else prompt:
+        check_text(p, "the prompt", InputError)
     files = expand(inputs)
     out = Path(out)
     _check_out(out, resume)
@@ -359,14 +413,18 @@ def run_batch(pipe, inputs: list[str], prompt: str, out, resume: bool = False, p
         for path in files:
             source_path = canonical(path)
             for page, load in items(path):
-                if (source_path, page) in seen:
-                    counts["skipped"] += 1
-                    continue
-                yield {"source": str(path), "source_path": source_path, "page": page}, load
+                read = once(load) if len(asked) > 1 else load
+                for p in asked:
+                    if (source_path, page, p) in seen:
+                        counts["skipped"] += 1
+                        continue
+                    record = {"source": str(path), "source_path": source_path, "page": page}
+                    yield (record | {"prompt": p} if p is not None else record), read
             yield None
 
     with ResultWriter(out) as writer:
-        records = answer(todo()) if answer is not None else answer_items(pipe, prompt, todo(), gen_kw)
+        single = prompt if isinstance(prompt, str) else None  # else each line carries its prompt
+        records = answer(todo()) if answer is not None else answer_items(pipe, single, todo(), gen_kw)
         for record in records:
             if record is None:
                 if bar:
@@ -374,20 +432,22 @@ def run_batch(pipe, inputs: list[str], prompt: str, out, resume: bool = False, p
                 continue
             writer.write(record)
             counts["failed" if "error" in record else "done"] += 1
-            seen.add((record["source_path"], record["page"]))
+            seen.add((record["source_path"], record["page"], record.get("prompt")))
     if bar:
         bar.close()
     return counts
 
 
-def answer_items(pipe, prompt: str, work: Iterator[tuple[dict, Loader] | None], gen_kw: dict) -> Iterator[dict | None]:
+def answer_items(pipe, prompt: str | None, work: Iterator[tuple[dict, Loader] | None],
+                 gen_kw: dict) -> Iterator[dict | None]:
     """Each item's record completed with its answer (or its error), in the order of `work`; a None in `work`
     passes through. Up to the pipeline's batch (`Pipeline.start_batching`) answers run at once, from worker
     threads, sharing the engine's decode steps; images are loaded here, in order (PDF rendering is not
     thread-safe)."""
-    content = prompt if "<image>" in prompt else "<image>\n" + prompt
-
     def answer(record: dict, image) -> dict:
+        asked = record.get("prompt", prompt)  # a --prompts job's line carries its prompt (`prompt` is None)
+        assert isinstance(asked, str)
+        content = asked if "<image>" in asked else "<image>\n" + asked
         try:
             if isinstance(image, VL2Error):
                 raise image

@@ -203,11 +203,12 @@ def chat(a, stdin=None) -> None:
 
 
 def batch(a) -> None:
-    from .batch import read_prompt_file, run_batch
+    from .batch import read_prompt_file, read_prompts_file, run_batch
 
-    if (a.prompt is None) == (a.prompt_file is None):
-        raise InputError("give exactly one of --prompt and --prompt-file")
-    prompt = a.prompt if a.prompt_file is None else read_prompt_file(a.prompt_file)
+    if sum(x is not None for x in (a.prompt, a.prompt_file, a.prompts)) != 1:
+        raise InputError("give exactly one of --prompt, --prompt-file and --prompts")
+    prompt: str | list[str] = a.prompt if a.prompt is not None else read_prompt_file(a.prompt_file) \
+        if a.prompt_file is not None else read_prompts_file(a.prompts)
     gen = _gen(a)
     if a.ray is not None:
         from .config import VL2Config
@@ -217,7 +218,8 @@ def batch(a) -> None:
         if os.path.isdir(model):
             model = os.path.abspath(model)  # the actors' working directory is not ours
             VL2Config.from_pretrained(model)  # a wrong model fails here, in one line, not in every actor
-        job = RayJob(model, _load_kw(a), prompt, gen, address=None if a.ray == "local" else a.ray, actors=a.actors,
+        single = prompt if isinstance(prompt, str) else None  # else each line carries its prompt
+        job = RayJob(model, _load_kw(a), single, gen, address=None if a.ray == "local" else a.ray, actors=a.actors,
                      cpus=a.cpus_per_actor, gpus=a.gpus_per_actor, max_batch=a.max_batch)
         counts = run_batch(None, a.inputs, prompt, a.out, resume=a.resume, answer=job)
     else:
@@ -409,11 +411,14 @@ def _parser() -> argparse.ArgumentParser:
     gen_args(c)
     c.set_defaults(func=chat)
 
-    b = sub.add_parser("batch", help="one prompt over images, folders and PDFs; results as JSON lines")
+    b = sub.add_parser("batch", help="prompts over images, folders and PDFs; results as JSON lines")
     model_args(b)
     b.add_argument("inputs", nargs="+", help="image files, PDFs or folders (searched recursively)")
     b.add_argument("--prompt")
     b.add_argument("--prompt-file")
+    b.add_argument("--prompts", metavar="FILE",
+                   help="several prompts (one a line, or a JSON list): each page is read once and asked each, one "
+                        "result line per page and prompt")
     b.add_argument("--out", required=True, help="results file (JSON lines)")
     b.add_argument("--resume", action="store_true", help="skip what --out already holds")
     b.add_argument("--max-batch", type=int_in(1, 256), default=DEFAULT_MAX_BATCH,

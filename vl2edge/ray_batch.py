@@ -24,7 +24,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from .batch import Loader, answer_items, load_item
+from .batch import Loader, answer_items, load_item, once
 from .errors import InputError
 
 MAX_ACTORS = 4096       # as the CLI's --actors
@@ -34,7 +34,7 @@ MAX_PER_ACTOR = 1024.0  # CPUs or GPUs one actor may ask for
 class Answerer:
     """A Ray Data actor: one pipeline, loaded once; a batch of record rows in, completed records out."""
 
-    def __init__(self, model: str, load_kw: dict, max_batch: int, prompt: str, gen_kw: dict):
+    def __init__(self, model: str, load_kw: dict, max_batch: int, prompt: str | None, gen_kw: dict):
         from .pipeline import load
 
         self.pipe = load(model, **load_kw)
@@ -43,7 +43,16 @@ class Answerer:
 
     def __call__(self, batch: dict) -> dict:
         records = [json.loads(r) for r in batch["item"]]
-        work = ((r, functools.partial(load_item, Path(r["source_path"]), r["page"])) for r in records)
+        last: dict = {}
+
+        def loader(r: dict):  # the lines of one page (several prompts) follow each other: render it once
+            where = (r["source_path"], r["page"])
+            if where not in last:
+                last.clear()
+                last[where] = once(functools.partial(load_item, Path(r["source_path"]), r["page"]))
+            return last[where]
+
+        work = ((r, loader(r)) for r in records)
         done = [json.dumps(r, ensure_ascii=False) for r in answer_items(self.pipe, self.prompt, work, self.gen_kw)]
         return {"record": done}
 
@@ -51,7 +60,7 @@ class Answerer:
 class RayJob:
     """What `run_batch(answer=...)` calls: the items to answer -> their records, in order, from Ray Data."""
 
-    def __init__(self, model: str, load_kw: dict, prompt: str, gen_kw: dict, address: str | None = None,
+    def __init__(self, model: str, load_kw: dict, prompt: str | None, gen_kw: dict, address: str | None = None,
                  actors: int = 2, cpus: float = 1, gpus: float = 0, max_batch: int = 8):
         if not (1 <= actors <= MAX_ACTORS and math.isfinite(cpus) and 0 < cpus <= MAX_PER_ACTOR
                 and math.isfinite(gpus) and 0 <= gpus <= MAX_PER_ACTOR):
