@@ -152,7 +152,7 @@ def test_the_budget_holds_under_a_stream_of_distinct_prompts(pipes):
         cached.use_prefix_cache("256MiB")
         ask(0)
         entry = cached.prefix_cache.bytes
-        cached.use_prefix_cache(int(3.5 * entry))  # room for three prompts of this length
+        cached.use_prefix_cache(int(3.5 * entry * 4 / 3))  # three quarters for prefixes: room for three prompts
         store = cached.prefix_cache
         for i in range(1, 13):
             last = ask(i)
@@ -172,3 +172,69 @@ def test_budget_sizes_parse_and_bad_ones_are_refused():
     for bad in ("", "lots", "-1GiB", "2TiB", "nanGiB", "1e300"):
         with pytest.raises(InputError):
             parse_budget(bad)
+
+
+# -- the tile feature cache (vl2edge/feature_cache.py) ---------------------------------------------------
+
+def _tower_runs(pipe, monkeypatch) -> list:
+    """Counts the vision tower's runs (tiles per run) of `pipe`'s backend."""
+    runs: list = []
+    backend = pipe.backend
+    if hasattr(backend, "_run_vision"):
+        real = backend._run_vision
+        monkeypatch.setattr(backend, "_run_vision", lambda px, b: runs.append(len(px)) or real(px, b))
+    else:
+        real_tower = backend.vision.forward
+        monkeypatch.setattr(backend.vision, "forward", lambda x: runs.append(len(x)) or real_tower(x))
+    return runs
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_the_same_picture_after_other_words_skips_the_tower_and_answers_the_same(pipes, case, monkeypatch):
+    cached, plain = pipes[case]
+    picture = _picture(6)
+    runs = _tower_runs(cached, monkeypatch)
+    cached.chat([{"role": "user", "content": QUESTION}], [picture], max_new_tokens=2)
+    tiles = sum(runs)
+    assert tiles >= 2  # a global view and local tiles
+    other = [{"role": "system", "content": "You answer in French."}, {"role": "user", "content": QUESTION}]
+    r = cached.chat(other, [picture], max_new_tokens=NEW)
+    assert r.cached_tokens < 5 and sum(runs) == tiles  # the prefix stops at the system prompt; the tiles are kept
+    assert r.token_ids == plain.chat(other, [picture], max_new_tokens=NEW).token_ids
+    cached.chat(other, [_picture(7)], max_new_tokens=1)
+    assert sum(runs) > tiles  # a new picture runs the tower
+
+
+def test_tile_features_stay_within_their_budget():
+    from vl2edge.feature_cache import FeatureCache
+
+    store = FeatureCache(10 * 4 * 6 * 4)  # ten tiles of [4, 6] float32 features
+    tiles = [bytes([i]) * 12 for i in range(30)]
+    calls: list = []
+
+    def encode(idx):
+        calls.append(list(idx))
+        return np.stack([np.full((4, 6), i, np.float32) for i in idx])
+
+    for start in range(0, 30, 3):
+        out = store.encode(tiles[start:start + 3], lambda idx, s=start: encode([s + i for i in idx]), np.stack)
+        assert out.shape == (3, 4, 6) and (out[:, 0, 0] == np.arange(start, start + 3)).all()
+        assert store.bytes <= store.budget and len(store) <= 10
+    again = store.encode(tiles[27:30] + tiles[0:1], lambda idx: encode([[27, 28, 29, 0][i] for i in idx]), np.stack)
+    assert calls[-1] == [0] and (again[:, 0, 0] == [27, 28, 29, 0]).all()  # the newest kept, the oldest recomputed
+
+
+def test_training_never_reads_the_feature_cache():
+    import torch
+
+    from vl2edge.models.loading import load_model
+
+    model = load_model(golden.model_dir("tiny"), dtype="float32", device="cpu").model
+    model.use_feature_cache(1 << 24)
+    tiles = torch.randn(2, 3, model.config.vision_config.image_size, model.config.vision_config.image_size)
+    with torch.inference_mode():
+        first = model.encode_tiles(tiles)
+    assert model.features is not None and len(model.features) == 2
+    model.requires_grad_(True)
+    out = model.encode_tiles(tiles)  # grad on: computed, with a graph, not the stored tensors
+    assert out.requires_grad and torch.allclose(out, first, atol=1e-5)

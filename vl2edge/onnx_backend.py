@@ -19,6 +19,7 @@ import numpy as np
 from .artifact import read_manifest, verify_files
 from .config import VL2Config
 from .errors import CheckpointError, InputError
+from .feature_cache import FeatureCache
 from .layout import gather_rows, image_layout
 from .ort_cache import cached_session
 
@@ -124,6 +125,7 @@ class OnnxModel:
         import onnxruntime as ort
 
         self.root, self.cache_sessions = Path(root), cache_sessions
+        self.features: FeatureCache | None = None  # use_feature_cache
         self.manifest = m = read_manifest(self.root)
         if _version(ort.__version__) < _version(m["min_onnxruntime"]):
             raise InputError(f"{self.root} needs onnxruntime >= {m['min_onnxruntime']} (installed: {ort.__version__}); "
@@ -184,9 +186,21 @@ class OnnxModel:
 
     # -- embeddings -----------------------------------------------------------------------------------
 
+    def use_feature_cache(self, budget: int) -> None:
+        """Keep the tiles' features within `budget` bytes (vl2edge/feature_cache.py); 0: off."""
+        self.features = FeatureCache(budget) if budget > 0 else None
+
     def encode_tiles(self, pixels: np.ndarray, batch: int = VISION_BATCH) -> np.ndarray:
-        """pixels [n, 3, S, S] -> features [n, N', D], `batch` tiles per run of the vision graph."""
-        session, pixels = self.vision_session(), np.ascontiguousarray(pixels, np.float32)
+        """pixels [n, 3, S, S] -> features [n, N', D], `batch` tiles per run of the vision graph (tiles seen
+        before: from the feature cache)."""
+        pixels = np.ascontiguousarray(pixels, np.float32)
+        if self.features is None:
+            return self._run_vision(pixels, batch)
+        return self.features.encode([p.tobytes() for p in pixels], lambda i: self._run_vision(pixels[i], batch),
+                                    np.stack)
+
+    def _run_vision(self, pixels: np.ndarray, batch: int) -> np.ndarray:
+        session = self.vision_session()
         return np.concatenate([session.run(None, {"pixel_values": pixels[i:i + batch]})[0]
                                for i in range(0, len(pixels), batch)])
 

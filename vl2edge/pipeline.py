@@ -31,6 +31,8 @@ from .quant.recipes import MANIFEST
 from .sampling import SamplingParams, log_softmax
 from .structured import JsonFormat, TokenVocabulary
 
+FEATURE_SHARE_MAX = 256 << 20  # bytes of tile features (use_prefix_cache)
+
 
 @dataclass
 class Result:
@@ -229,15 +231,23 @@ class Pipeline:
         self.prefix_cache: PrefixCache | None = None
 
     def use_prefix_cache(self, budget: int | str | None) -> None:
-        """Keep prompts' KV positions within `budget` bytes ("2GiB"; None: `prefix_cache.default_budget()`;
-        0: off) and start later prompts from the longest stored prefix they share (vl2edge/prefix_cache.py).
-        Backends whose cache cannot save and restore positions keep it off."""
+        """Keep what prompts cost to read within `budget` bytes ("2GiB"; None: `prefix_cache.default_budget()`;
+        0: off): a quarter of it (at most FEATURE_SHARE_MAX) for the vision tower's tile features
+        (vl2edge/feature_cache.py), the rest for prompts' KV positions, so that a later prompt starts from the
+        longest stored prefix it shares (vl2edge/prefix_cache.py). A backend whose cache cannot save and
+        restore positions keeps the prefixes off."""
         size = default_budget() if budget is None else budget if isinstance(budget, int) else parse_budget(budget)
         if isinstance(size, bool) or size < 0:
             raise InputError(f"prefix cache budget must be a size in bytes >= 0, got {budget!r}")
+        features = min(size // 4, FEATURE_SHARE_MAX)
+        use_features = getattr(self.backend, "use_feature_cache", None)
+        if callable(use_features):
+            use_features(features)
+        else:
+            features = 0
         probe = self.backend.new_cache(1, 1)
         able = callable(getattr(probe, "save", None)) and callable(getattr(probe, "restore", None))
-        self.prefix_cache = PrefixCache(size) if size and able else None
+        self.prefix_cache = PrefixCache(size - features) if size and able else None
 
     def start_batching(self, max_batch: int, max_len: int | None = None) -> None:
         """Answer through the continuous-batching engine (vl2edge/engine.py): up to `max_batch` answers share

@@ -19,6 +19,7 @@ from torch import nn
 
 from vl2edge.config import ProjectorConfig, VL2Config
 from vl2edge.errors import InputError
+from vl2edge.feature_cache import FeatureCache
 from vl2edge.layout import gather_rows, image_layout
 
 from .cache import KVCache
@@ -65,6 +66,7 @@ class VL2Model(nn.Module):
         self.image_newline = nn.Parameter(torch.zeros(D), requires_grad=False)
         self.view_seperator = nn.Parameter(torch.zeros(D), requires_grad=False)  # sic: the checkpoint's spelling
         self.language = LanguageModel(config.language_config)
+        self.features: FeatureCache | None = None  # use_feature_cache
 
     @property
     def dtype(self) -> torch.dtype:
@@ -76,9 +78,17 @@ class VL2Model(nn.Module):
 
     # -- images -> token embeddings ---------------------------------------------------------------------
 
+    def use_feature_cache(self, budget: int) -> None:
+        """Keep the tiles' features within `budget` bytes when answering (vl2edge/feature_cache.py); 0: off."""
+        self.features = FeatureCache(budget) if budget > 0 else None
+
     def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
-        """[n, 3, S, S] pixels -> [n, 196, D] projected features."""
-        return self.projector(self.vision(tiles.to(self.dtype)))
+        """[n, 3, S, S] pixels -> [n, 196, D] projected features (tiles seen before: from the feature cache)."""
+        if self.features is None or torch.is_grad_enabled():  # training never reads the cache
+            return self.projector(self.vision(tiles.to(self.dtype)))
+        host = tiles.detach().to("cpu", torch.float32).contiguous().numpy()
+        return self.features.encode([t.tobytes() for t in host],
+                                    lambda i: self.projector(self.vision(tiles[i].to(self.dtype))), torch.stack)
 
     def image_features(self, images, images_spatial_crop) -> list[torch.Tensor]:
         """Per batch row, the image rows in sequence order ([n_image_tokens, D]; empty when none)."""
