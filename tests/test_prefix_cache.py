@@ -238,3 +238,24 @@ def test_training_never_reads_the_feature_cache():
     model.requires_grad_(True)
     out = model.encode_tiles(tiles)  # grad on: computed, with a graph, not the stored tensors
     assert out.requires_grad and torch.allclose(out, first, atol=1e-5)
+
+
+def test_the_static_decode_step_starts_from_a_cached_prefix_too():
+    """The CUDA path's backend (`StaticDecoder`; eager here, the graph needs a GPU) restores prefixes into
+    its reused cache and answers as without them."""
+    from vl2edge.models.decode_step import StaticDecoder
+    from vl2edge.models.loading import load_model
+    from vl2edge.pipeline import Pipeline
+
+    plain = load(golden.model_dir("tiny"), backend="torch", dtype="float32", device="cpu", prefix_cache=0)
+    model = load_model(golden.model_dir("tiny"), dtype="float32", device="cpu").model
+    static = Pipeline(plain.processor, StaticDecoder(model, graph=False), plain.context_length)
+    static.use_prefix_cache("64MiB")
+    assert static.prefix_cache is not None and model.features is not None
+    picture = _picture(8)
+    first = [{"role": "user", "content": QUESTION}]
+    r1 = static.chat(first, [picture], max_new_tokens=NEW)
+    turn = first + [{"role": "assistant", "content": r1.text}, {"role": "user", "content": "More?"}]
+    r2 = static.chat(turn, [picture], max_new_tokens=NEW)
+    assert r2.cached_tokens >= r1.prompt_tokens - 2
+    assert r2.token_ids == plain.chat(turn, [picture], max_new_tokens=NEW).token_ids

@@ -146,6 +146,9 @@ class StaticDecoder:
     def embed(self, input_ids, images=None, images_seq_mask=None, images_spatial_crop=None) -> torch.Tensor:
         return self.model.embed(input_ids, images, images_seq_mask, images_spatial_crop)
 
+    def use_feature_cache(self, budget: int) -> None:
+        self.model.use_feature_cache(budget)
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache of at least `max_len` positions for `batch` rows (reused across requests)."""
         slot = self._slots.get(batch)
