@@ -51,13 +51,13 @@ def test_info_and_quantize_commands_run_with_torch_unimportable(tmp_path):
 
 
 def test_the_torch_boundary_is_the_layout():
-    """Every module outside vl2edge.models, vl2edge.export, vl2edge.quant.modules and the demo trainer imports
-    without torch."""
+    """Every module outside vl2edge.models, vl2edge.export, vl2edge.quant.modules and the demo trainer (and its
+    checkpoints) imports without torch."""
     r = _run_without_torch("""
         import importlib, pkgutil
         import vl2edge, vl2edge.quant
         torch_side = {"vl2edge.models", "vl2edge.export", "vl2edge.quant.modules", "vl2edge.__main__",
-                      "vl2edge.quant.__main__", "vl2edge.train_demo"}
+                      "vl2edge.quant.__main__", "vl2edge.train_demo", "vl2edge.train_state"}
         names = [f"vl2edge.{m.name}" for m in pkgutil.iter_modules(vl2edge.__path__)]
         names += [f"vl2edge.quant.{m.name}" for m in pkgutil.iter_modules(vl2edge.quant.__path__)]
         checked = [n for n in names if n not in torch_side]

@@ -11,14 +11,14 @@ token layout inference sees. The directory is written in the official layout (a 
 via `vl2edge.synthetic`, then its weights replaced by the trained ones) with `training.json`: the
 command, seed, steps, time and the held-out accuracy measured at the end.
 
-Status (2026-12-04, second stop): the mechanics are tested (tests/test_demo_tasks.py); no run yet
-reaches the issue's accuracy, so nothing is shipped. Numbers in bench/RESULTS.md, 2026-12-04. The
-number pictures are now drawn around the text (`demo_tasks.number_canvas`): on a page-sized canvas
-the tower of this size never learned to see 24 px digits. Reading is learned first (PHASES): with the
-default 4,400 steps (19 min here, float32: bfloat16 autocast is 2x slower a step on this CPU) the
-held-out scores are number 58 %, wide 0 %, ground 4 %, count 82 %. Grounding stays on the plateau of
-a box-size prior (~0.71 per answer token: no localization) in every mixed run so far; alone, on one
-figure a picture ("ground-one"), it learns about five times faster than on 1-3 figures.
+Runs survive a session: a checkpoint (weights, optimizer and schedule state, torch's RNG, the step,
+the losses; vl2edge/train_state.py) goes to OUT.training every `--checkpoint-minutes` (5) and at the
+end, each with a small held-out score in OUT.training/train.log; the same command with `--resume` goes on
+from the last one (the batches are a function of the recipe and the step, so it draws what the
+uninterrupted run would have; on one thread the weights are bit for bit those of an uninterrupted run).
+`--init DIR --mix TASK=W,...` goes on training a trained model on one task mix: `make train-demo` is the
+reading-first run (PHASES) followed by a round weighted to grounding; the shipped model's record,
+training.json, holds both stages' commands, times and held-out scores (bench/RESULTS.md, 2026-12-07).
 
 Loss: cross-entropy over the answer tokens and the closing eos only. Batches hold one task each (rows
 of one task have similar lengths, so left-padding wastes little).
