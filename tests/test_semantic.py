@@ -65,6 +65,17 @@ def test_the_batched_path_answers_exactly_as_the_single_one(random_model):
     single, batched = results["torch-fp32"]["answers"], results["batched"]["answers"]
     assert len(single) == 3 * len(demo_tasks.TASKS) and len(set(single)) > 1  # answers differ between pictures
     assert batched == single
+    assert results["batched"]["same_as_fp32"] == {t: 1.0 for t in demo_tasks.TASKS}
+
+
+def test_the_table_gives_accuracy_and_agreement_with_float32():
+    results = {"torch-fp32": {"accuracy": {"number": 1.0, "ground": 0.5}, "seconds": 2.0,
+                              "same_as_fp32": {"number": 1.0, "ground": 1.0}},
+               "int4": {"accuracy": {"number": 0.9, "ground": 0.45}, "seconds": 1.5,
+                        "same_as_fp32": {"number": 0.8, "ground": 0.25}}}
+    lines = demo_eval.table(results).splitlines()
+    assert lines[0] == "| path | number | ground | same answer as fp32 (number / ground) | s |"
+    assert lines[2] == "| torch-fp32 | 100% | 50% | - | 2.0 |" and lines[3] == "| int4 | 90% | 45% | 80% / 25% | 1.5 |"
 
 
 def test_the_offloaded_path_keeps_a_quarter_of_the_experts_and_answers_as_resident(random_model, tmp_path):

@@ -124,7 +124,27 @@ def run(model: Path, paths, per_task: int, seed: int = HELDOUT_SEED, tasks=demo_
             out[path] = {"accuracy": accuracy(examples, said), "answers": said,
                          "seconds": round(time.perf_counter() - t0, 1)}
             log(f"{path:32s} {json.dumps(out[path]['accuracy'])}  {out[path]['seconds']} s")
+    if "torch-fp32" in out:  # how often each path says exactly what float32 says, per task
+        ref = out["torch-fp32"]["answers"]
+        for r in out.values():
+            same: dict[str, list[bool]] = {}
+            for ex, a, b in zip(examples, r["answers"], ref, strict=True):
+                same.setdefault(ex.task, []).append(a == b)
+            r["same_as_fp32"] = {task: sum(v) / len(v) for task, v in same.items()}
     return out
+
+
+def table(results: dict) -> str:
+    """Markdown: per path, accuracy per task, and the share of answers identical to torch-fp32's (when run)."""
+    tasks = list(next(iter(results.values()))["accuracy"])
+    head = "| path | " + " | ".join(tasks) + " | same answer as fp32 (" + " / ".join(tasks) + ") | s |"
+    rows = [head, "|" + "---|" * (len(tasks) + 3)]
+    for path, r in results.items():
+        same = r.get("same_as_fp32")
+        agree = " / ".join(f"{same[t]:.0%}" for t in tasks) if same and path != "torch-fp32" else "-"
+        rows.append(f"| {path} | " + " | ".join(f"{r['accuracy'][t]:.0%}" for t in tasks) + f" | {agree} | "
+                    f"{r['seconds']} |")
+    return "\n".join(rows)
 
 
 def main(argv=None) -> None:
@@ -150,6 +170,7 @@ def main(argv=None) -> None:
             if not a.json.parent.is_dir() or not os.access(a.json.parent, os.W_OK):
                 raise InputError(f"cannot write {a.json}: {a.json.parent} is not a writable folder")
         results = run(a.model, paths, a.per_task, a.seed)
+        print(table(results))
     except VL2Error as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
