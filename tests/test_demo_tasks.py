@@ -155,19 +155,26 @@ def test_batch_labels_are_the_answer_and_eos(small_model):
     assert proc.decode(ids[0, -lens[0]:-1]) == first.answer
 
 
-def test_trained_weights_round_trip_through_the_official_layout(small_model, tmp_path):
+def _changed_copy(small_model, dst, change) -> None:
+    """The small model's directory copied to `dst`, its weights changed in place by `change(i, p)` and saved."""
     import shutil
 
-    from vl2edge.models.loading import load_model
     from vl2edge.train_demo import save_weights
 
     out, model = small_model
-    dst = tmp_path / "m"
     shutil.copytree(out, dst)
     with torch.no_grad():
         for i, p in enumerate(model.parameters()):
-            p.add_(0.01 * (i + 1))  # differ from the random checkpoint everywhere, experts included
+            change(i, p)
     save_weights(model, dst)
+
+
+def test_trained_weights_round_trip_through_the_official_layout(small_model, tmp_path):
+    from vl2edge.models.loading import load_model
+
+    _, model = small_model
+    dst = tmp_path / "m"
+    _changed_copy(small_model, dst, lambda i, p: p.add_(0.01 * (i + 1)))  # differ everywhere, experts included
     back = load_model(dst, dtype="float32", device="cpu").model.state_dict()
     for name, t in model.state_dict().items():
         assert torch.equal(back[name], t), name
@@ -224,18 +231,13 @@ def test_a_mix_is_task_weights_and_bad_ones_are_usage_errors(small_processor):
 
 def test_training_goes_on_from_a_trained_model_and_keeps_its_history(small_model, tmp_path):
     import json
-    import shutil
 
     from vl2edge.models.loading import load_model
-    from vl2edge.train_demo import main, save_weights
+    from vl2edge.train_demo import main
 
-    out, model = small_model
+    _, model = small_model
     init = tmp_path / "init"
-    shutil.copytree(out, init)
-    with torch.no_grad():
-        for i, p in enumerate(model.parameters()):
-            p.mul_(1.0 + 0.001 * (i % 7 + 1))  # weights no fresh init has
-    save_weights(model, init)
+    _changed_copy(small_model, init, lambda i, p: p.mul_(1.0 + 0.001 * (i % 7 + 1)))  # weights no fresh init has
     (init / "training.json").write_text(json.dumps({"steps": 5, "variant": "mha", "patch": 32}))
     main(["--init", str(init), "--out", str(tmp_path / "next"), "--steps", "1", "--lr", "1e-12", "--eval", "1",
           "--mix", "ground=1"])
