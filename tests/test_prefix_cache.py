@@ -174,6 +174,15 @@ def test_budget_sizes_parse_and_bad_ones_are_refused():
             parse_budget(bad)
 
 
+def test_a_budget_beyond_the_machine_is_refused_before_loading(capsys):
+    from vl2edge import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--model", str(golden.model_dir("tiny")), "--prompt", "hi", "--prefix-cache", "999999GiB"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "more than this machine's memory" in err and err.count("\n") == 1, err
+
+
 # -- the tile feature cache (vl2edge/feature_cache.py) ---------------------------------------------------
 
 def _tower_runs(pipe, monkeypatch) -> list:

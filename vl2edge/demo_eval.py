@@ -113,7 +113,7 @@ def run(model: Path, paths, per_task: int, seed: int = HELDOUT_SEED, tasks=demo_
         log: Callable[[str], None] = print) -> dict[str, dict]:
     """Per path: its accuracy per task, its answers and the seconds it took."""
     examples = heldout(seed, per_task, tasks)
-    out = {}
+    out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="vl2edge-semantic-") as work:
         for path in paths:
             t0 = time.perf_counter()
@@ -125,10 +125,11 @@ def run(model: Path, paths, per_task: int, seed: int = HELDOUT_SEED, tasks=demo_
                          "seconds": round(time.perf_counter() - t0, 1)}
             log(f"{path:32s} {json.dumps(out[path]['accuracy'])}  {out[path]['seconds']} s")
     if "torch-fp32" in out:  # how often each path says exactly what float32 says, per task
-        ref = out["torch-fp32"]["answers"]
+        ref: list[str] = out["torch-fp32"]["answers"]
         for r in out.values():
             same: dict[str, list[bool]] = {}
-            for ex, a, b in zip(examples, r["answers"], ref, strict=True):
+            said_here: list[str] = r["answers"]
+            for ex, a, b in zip(examples, said_here, ref, strict=True):
                 same.setdefault(ex.task, []).append(a == b)
             r["same_as_fp32"] = {task: sum(v) / len(v) for task, v in same.items()}
     return out

@@ -25,7 +25,7 @@ from .errors import InputError
 from .generate import DEFAULT_CHUNK, Backend, Sequence, generate
 from .grounding import parse as parse_grounding
 from .placement import Plan
-from .prefix_cache import Hit, PrefixCache, default_budget, parse_budget, prompt_key
+from .prefix_cache import Hit, PrefixCache, check_budget, default_budget, parse_budget, prompt_key
 from .processor import Processor, check_compatible
 from .quant.recipes import MANIFEST
 from .sampling import SamplingParams, log_softmax
@@ -239,7 +239,7 @@ class Pipeline:
         size = default_budget() if budget is None else budget if isinstance(budget, int) else parse_budget(budget)
         if isinstance(size, bool) or size < 0:
             raise InputError(f"prefix cache budget must be a size in bytes >= 0, got {budget!r}")
-        features = min(size // 4, FEATURE_SHARE_MAX)
+        features = min(check_budget(size) // 4, FEATURE_SHARE_MAX)
         use_features = getattr(self.backend, "use_feature_cache", None)
         if callable(use_features):
             use_features(features)
@@ -334,7 +334,7 @@ def load(path_or_id, device: str = "auto", dtype: str = "auto", quant: str | Non
     kept so that a later prompt sharing their beginning prefills only the rest (vl2edge/prefix_cache.py).
     """
     budget = None if prefix_cache is None else prefix_cache if isinstance(prefix_cache, int) \
-        else parse_budget(prefix_cache)
+        else check_budget(parse_budget(prefix_cache))  # refused before anything loads
     pipe = _build(path_or_id, device, dtype, quant, threads, gpu_memory, backend, vision, graph, force)
     pipe.use_prefix_cache(budget)
     return pipe

@@ -49,15 +49,29 @@ def parse_budget(text: str) -> int:
     return int(value * _UNITS[unit])
 
 
-def default_budget() -> int:
-    """2 GiB, or an eighth of this machine's memory where that is less."""
+def machine_memory() -> int | None:
+    """This machine's physical memory in bytes (None where it cannot be told)."""
     try:
         import os
 
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return 2 * GiB
-    return min(2 * GiB, total // 8)
+        return None
+
+
+def default_budget() -> int:
+    """2 GiB, or an eighth of this machine's memory where that is less."""
+    total = machine_memory()
+    return 2 * GiB if total is None else min(2 * GiB, total // 8)
+
+
+def check_budget(size: int) -> int:
+    """A budget no larger than the machine's memory (a larger one would end in the OOM killer, not here)."""
+    total = machine_memory()
+    if total is not None and size > total:
+        raise InputError(f"prefix cache size {size / GiB:.1f} GiB is more than this machine's memory "
+                         f"({total / GiB:.1f} GiB); give less, e.g. 2GiB")
+    return size
 
 
 def prompt_key(inputs: ProcessorOutput, row: int = 0) -> np.ndarray:
