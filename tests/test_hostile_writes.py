@@ -62,11 +62,11 @@ COMMANDS = {
                                       "--max-new-tokens", "2", "--out", str(link), "--resume", _picture(tmp)),
     "synthetic --sample-image": lambda tmp, link: ("vl2edge.synthetic", "--preset", "test-mha", "--out",
                                                    str(tmp / "m"), "--sample-image", str(link)),
-    "demo_tasks --out": lambda tmp, link: ("vl2edge.demo_tasks", "--out", str(link.parent), "--seed", "1"),
+    "demo_run --out": lambda tmp, link: ("vl2edge.demo_run", "--model", TINY, "--out", str(link.parent), "--seed", "1"),
     "demo_eval --json": lambda tmp, link: ("vl2edge.demo_eval", "--model", TINY, "--paths", "torch-fp32",
                                            "--per-task", "1", "--json", str(link)),
 }
-LINK_NAME = {"demo_tasks --out": "pics/number.png", "run --draw": "boxes.png"}
+LINK_NAME = {"demo_run --out": "pics/number.png", "run --draw": "boxes.png"}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
