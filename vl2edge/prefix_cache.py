@@ -104,10 +104,7 @@ class _Entry:
 
 
 def _nbytes(saved: dict) -> int:
-    total = 0
-    for t in saved.values():
-        total += int(t.nbytes) if hasattr(t, "nbytes") else int(t.numel() * t.element_size())
-    return total
+    return sum(int(t.nbytes) for t in saved.values())  # numpy arrays and torch tensors alike
 
 
 class PrefixCache:
