@@ -44,7 +44,7 @@ from vl2edge.weights import SIDE_FILES
 from .decoder import Sample, check_session, errors, export_decoder_streaming, on_meta
 from .graphs import MS_OPSET, OPSET, export_vision
 from .ops import Kernels
-from .vision_int8 import calibration_images, calibration_tiles, export_vision_int8, feature_gate
+from .vision_int8 import bf16_features, calibration_images, calibration_tiles, export_vision_int8, feature_gate
 
 SAMPLE_TOKENS = (5, 9)   # the verification's two decode steps after the sample prompt
 END_TO_END_MAX = 2**30   # decoder weights (bytes) up to which the export also runs the whole graph on the sample
@@ -82,13 +82,15 @@ def _embeddings(ck, config: VL2Config, inputs, image_rows: torch.Tensor, out: Pa
     return embeds.numpy(), decode
 
 
-def _verify_vision(dst: Path, graphs: dict, features: np.ndarray, tiles: np.ndarray, threads: int) -> dict:
-    """Each vision graph's features on the sample's tiles against the torch tower's, and the int8 gate."""
+def _verify_vision(dst: Path, graphs: dict, features: np.ndarray, tiles: np.ndarray, threads: int,
+                   bf16: np.ndarray | None = None) -> dict:
+    """Each vision graph's features on the sample's tiles against the torch tower's, and the int8 gate (its
+    limit set by `bf16`, the tiles' features at the reference's precision, where given)."""
     feats = {name: check_session(dst / g["file"], threads, prepack=False).run(None, {"pixel_values": tiles})[0]
              for name, g in graphs.items() if name.startswith("vision")}
     out: dict = {name: errors(got, features) for name, got in feats.items()}
     if "vision_int8" in feats:  # the gate: against the float graph (the torch features where it was not kept)
-        out["vision_int8_gate"] = feature_gate(feats["vision_int8"], feats.get("vision", features))
+        out["vision_int8_gate"] = feature_gate(feats["vision_int8"], feats.get("vision", features), bf16)
     return out
 
 
@@ -114,15 +116,17 @@ def _choose_vision(manifest: dict) -> None:
         return
     manifest["graphs"]["vision_int8"]["gate"] = gate
     err = f"features rel-L2 {gate['features_rel_l2']:.4f} against the float graph on the verification sample"
+    limit = f"{gate['limit']:.4f}" + (f" (bfloat16, the reference's precision: {gate['bf16_rel_l2']:.4f})"
+                                      if "bf16_rel_l2" in gate else "")
     if "vision" not in manifest["graphs"]:
         manifest["default_vision"] = "vision_int8"
         manifest["default_vision_reason"] = f"the only vision graph exported ({err})"
     elif gate["passed"]:
         manifest["default_vision"] = "vision_int8"
-        manifest["default_vision_reason"] = f"int8 passed the gate: {err} <= {gate['limit']}"
+        manifest["default_vision_reason"] = f"int8 passed the gate: {err} <= {limit}"
     else:
         manifest["default_vision"] = "vision"
-        manifest["default_vision_reason"] = f"int8 failed the gate: {err} > {gate['limit']}; float kept"
+        manifest["default_vision_reason"] = f"int8 failed the gate: {err} > {limit}; float kept"
 
 
 def export(src, dst, recipe: str = "int4-experts", block_size: int | None = None, vision: str = "auto",
@@ -219,7 +223,11 @@ def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: st
     graphs["vision"] = export_vision(front, out / "vision.onnx")
     done()
     manifest_specs = {n: s.to_dict() for n, s in specs.items()}
+    bf16 = None
     if vision in ("int8", "both") and quant is not None:
+        step("vision tower (bfloat16, the int8 gate's measure)")
+        bf16 = bf16_features(front, tiles)
+        done()
         step("vision tower (int8: smoothing, calibration)")
         graphs["vision_int8"] = export_vision_int8(front, out / "vision_int8.onnx", calibration_tiles(proc, pictures))
         manifest_specs |= {n: {"bits": 8, "graph": "vision_int8", "scheme": graphs["vision_int8"]["scheme"]}
@@ -263,7 +271,7 @@ def _build(src: Path, out: Path, recipe: str, block_size: int | None, vision: st
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     step("verify with onnxruntime")
     _free()
-    verification = _verify_vision(out, graphs, features, tiles, threads)
+    verification = _verify_vision(out, graphs, features, tiles, threads, bf16)
     layers = {"rel_l2": max(r["rel_l2"] for r in dec.layers), "head": dec.tail, "layers": dec.layers}
     if dec.data_bytes <= END_TO_END_MAX:
         verification["decoder"] = _verify_decoder(out, sample, inputs.attention_mask, dec.logits[1:], threads)

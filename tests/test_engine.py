@@ -18,7 +18,7 @@ from vl2edge.errors import InputError
 from vl2edge.export.build import export
 from vl2edge.generate import Sequence, generate
 from vl2edge.models.loading import load_model
-from vl2edge.onnx_backend import OnnxModel
+from vl2edge.onnx_backend import OnnxModel, OnnxSlots
 from vl2edge.sampling import SamplingParams
 
 CASE = "landscape_1024x768"
@@ -100,6 +100,39 @@ def test_rows_at_different_positions_give_single_row_logits(decoder):
     got = decoder.decode_rows(tokens[2:3], cache)
     ref = decoder.decode(tokens[2:3], refs[2])
     np.testing.assert_allclose(got[0], ref[0], atol=2e-4 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize("variant", ("tiny", "base"))
+def test_onnx_slots_grow_and_shrink_with_the_longest_row(onnx_models, variant):
+    """The ONNX slot buffers follow the longest row (allocated in steps of 16 here): rows that outgrow them and a
+    batch that shrinks them keep giving single-row logits."""
+    decoder = onnx_models[variant]
+    prompts = [_prompts(decoder)[i] for i in (0, 3)]        # 9 and 57 positions
+    cache = OnnxSlots(decoder.cache_layout, decoder.past_names, 2, 128, step=16)
+    assert cache.capacity == 16
+    refs = []
+    for r, e in enumerate(prompts):
+        decoder.prefill_row(e, cache, r)
+        refs.append(decoder.new_cache(1, 128))
+        decoder.prefill(e, refs[-1])
+    seq_len = lambda: {b.shape[cache.axis] for b in cache.buffers.values()}  # noqa: E731
+    assert cache.capacity == 64 and seq_len() == {64}             # grew past 57, in steps of 16
+
+    def check(rows: int) -> None:
+        tokens = np.array([5, 17][:rows])
+        got = decoder.decode_rows(tokens, cache)
+        for r in range(rows):
+            ref = decoder.decode(tokens[r:r + 1], refs[r])
+            np.testing.assert_allclose(got[r], ref[0], atol=2e-4 * np.abs(ref).max(), rtol=0)
+
+    for _ in range(8):                                             # row 1 passes 64: the buffers grow again
+        check(2)
+    assert cache.capacity == 96 and seq_len() == {96}
+    decoder.clear_row(cache, 1)                                    # row 0 (17 positions) alone: a quarter will do
+    check(1)
+    assert cache.capacity == 48 and seq_len() == {48}
+    for _ in range(3):
+        check(1)
 
 
 def test_image_prompt_batches_with_text_prompts(torch_models):

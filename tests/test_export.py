@@ -8,12 +8,14 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 from tests import golden
 from vl2edge.artifact import verify_files
 from vl2edge.cpu_features import u8s8_exact
 from vl2edge.errors import CheckpointError, InputError
 from vl2edge.export.build import export
+from vl2edge.export.vision_int8 import bf16_features, feature_gate
 from vl2edge.generate import generate, prefill
 from vl2edge.models.loading import load_model
 from vl2edge.onnx_backend import OnnxModel
@@ -112,8 +114,11 @@ def test_manifest_describes_the_artifact(exports):
         assert gate["passed"] and gate["features_rel_l2"] <= 0.01 and m["default_vision"] == "vision_int8"
         assert "passed the gate" in m["default_vision_reason"]
     else:  # x86 without VNNI: u8s8 saturates (vl2edge/cpu_features.py), the gate keeps the float graph
-        assert not gate["passed"] and gate["features_rel_l2"] > 0.01 and m["default_vision"] == "vision"
+        assert not gate["passed"] and gate["features_rel_l2"] > gate["limit"] and m["default_vision"] == "vision"
         assert "failed the gate" in m["default_vision_reason"]
+    # the limit is what bfloat16 (the reference's precision) costs on the same tiles, at least 1 %, at most 2 %
+    assert 1e-4 < gate["bf16_rel_l2"] < 0.05 and gate["limit"] == max(0.01, min(gate["bf16_rel_l2"], 0.02))
+    assert "bfloat16" in m["default_vision_reason"]
     assert m["graphs"]["decoder"]["past"][:2] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert m["quantization"]["language.model.layers.1.mlp.experts.0.up_proj.weight"]["bits"] == 4
     int8 = [n for n, q in m["quantization"].items() if q.get("graph") == "vision_int8"]
@@ -162,6 +167,37 @@ def test_int8_vision_graph_passes_the_gate(exports, variant):
             one = int8.encode_tiles(images[0], batch=1)
             assert np.linalg.norm(one - got) / np.linalg.norm(got) <= 1e-4, case
         assert _greedy(decoder, int8, case) == _greedy(decoder, floats, case), case
+
+
+def test_the_int8_gate_follows_what_bfloat16_costs():
+    """The gate's limit is bfloat16's error on the same tiles where that is above 1 % (capped at 2 %): an int8
+    graph as close as the reference's own precision passes, one further off does not."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 196, 64)).astype(np.float32)
+
+    def off(rel: float) -> np.ndarray:  # ref plus noise of rel-L2 `rel`
+        noise = rng.standard_normal(ref.shape).astype(np.float32)
+        return ref + noise * (rel * np.linalg.norm(ref) / np.linalg.norm(noise))
+
+    int8 = off(0.012)
+    assert not feature_gate(int8, ref)["passed"]                      # no bfloat16 measure: the 1 % gate
+    gate = feature_gate(int8, ref, off(0.014))
+    assert gate["passed"] and gate["limit"] == pytest.approx(0.014, rel=1e-3)
+    assert not feature_gate(int8, ref, off(0.011))["passed"]          # int8 further off than bfloat16
+    assert feature_gate(off(0.009), ref, off(0.003))["limit"] == 0.01  # bfloat16 closer than 1 %: 1 % holds
+    assert feature_gate(int8, ref, off(0.2))["limit"] == 0.02          # a tower where bfloat16 is far off
+
+
+def test_bf16_features_leave_the_model_in_float32():
+    model = load_model(golden.model_dir("tiny"), dtype=torch.float32, device="cpu").model
+    _, _, images, _, _ = golden.model_args("landscape_1024x768")
+    tiles = images[0][:3]
+    with torch.inference_mode():
+        ref = model.encode_tiles(torch.from_numpy(tiles)).numpy()
+    got = bf16_features(model, tiles)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert 1e-4 < np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.05  # bfloat16 rounding, not another tower
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_calibration_folder_must_hold_pictures(tmp_path):

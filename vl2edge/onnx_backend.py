@@ -84,18 +84,28 @@ class OnnxCache:
         self.length = length
 
 
+CAPACITY_STEP = 256  # slot positions are allocated in multiples of this (OnnxSlots)
+
+
 class OnnxSlots:
-    """The engine's cache: per past tensor one buffer of `slots` rows x `max_len` positions, and each row's
+    """The engine's cache: per past tensor one buffer of `slots` rows x `capacity` positions, and each row's
     length. GroupQueryAttention graphs update the buffer in place: a call binds rows 0..R-1 (or one row) as past
     and present, with right-padded masks (a row's ones cover its own positions), so each row attends to, and
     writes at, its own length. Concatenating graphs (MLA, plain ops) get rows 0..R-1 cut to the longest row as
     past, with the gap between a row's length and the longest masked out (positions count the mask's ones, so
-    the new token's position is the row's length); the new column goes back to each row's own position."""
+    the new token's position is the row's length); the new column goes back to each row's own position.
 
-    def __init__(self, layout: dict, names: list[str], slots: int, max_len: int):
+    `capacity` follows the longest row (a multiple of CAPACITY_STEP, at most `max_len`): it grows by half again
+    when a row needs more, and shrinks when every row fits in a quarter of it. GroupQueryAttention's CPU kernel
+    costs in proportion to the bound buffer's length, not the row's, so a one-row batch in a `max_len` buffer
+    decoded at 0.7-0.8x the unbatched loop's speed on full-size Tiny (bench/RESULTS.md, 2026-12-07)."""
+
+    def __init__(self, layout: dict, names: list[str], slots: int, max_len: int, step: int = CAPACITY_STEP):
         self.shared, self.axis, self.max_len = layout.get("shared_buffer", False), layout["sequence_axis"], max_len
+        self.step = step  # capacity is a multiple of it
+        self.capacity = min(max_len, step)
         shape = list(layout["shape"])
-        shape[0], shape[self.axis] = slots, max_len
+        shape[0], shape[self.axis] = slots, self.capacity
         self.buffers = {n: np.zeros(shape, np.float32) for n in names}
         self.lengths = np.zeros(slots, np.int64)
 
@@ -104,9 +114,32 @@ class OnnxSlots:
         return (rows,) + (slice(None),) * (self.axis - 1) + (positions,)
 
     def reserve(self, rows: slice, T: int) -> None:
+        """Room for T more positions in `rows` (the buffers re-sized to the longest row); refuses a row that
+        would outgrow `max_len`."""
         if (self.lengths[rows] + T > self.max_len).any():
             raise InputError(f"slot full: {int(self.lengths[rows].max()) + T} positions needed, "
                              f"{self.max_len} allocated")
+        self._fit(max(int(self.lengths.max()), int(self.lengths[rows].max()) + T))
+
+    def _fit(self, needed: int) -> None:
+        """Capacity for `needed` positions a row: grown by half again (or to `needed`) when short, shrunk to
+        twice `needed` when a quarter would do; the rows' positions are copied over."""
+        step = self.step
+        if needed > self.capacity:
+            want = max(needed, self.capacity * 3 // 2)
+        elif needed * 4 <= self.capacity and self.capacity > step:
+            want = 2 * needed
+        else:
+            return
+        want = min(self.max_len, max(step, -(-want // step) * step))
+        keep = min(want, self.capacity)
+        for name, old in self.buffers.items():
+            shape = list(old.shape)
+            shape[self.axis] = want
+            new = np.zeros(shape, np.float32)
+            new[self.seq(slice(None), slice(0, keep))] = old[self.seq(slice(None), slice(0, keep))]
+            self.buffers[name] = new
+        self.capacity = want
 
     def save_row(self, row: int, length: int) -> dict[str, np.ndarray]:
         """Copies of row `row`'s first `length` positions (`OnnxCache.save`'s layout)."""
@@ -114,6 +147,8 @@ class OnnxSlots:
 
     def restore_row(self, row: int, saved: dict[str, np.ndarray], length: int) -> None:
         """Empty row `row` starts with the first `length` positions of `saved`."""
+        self.lengths[row] = 0
+        self.reserve(slice(row, row + 1), length)
         for n, b in self.buffers.items():
             b[self.seq(slice(row, row + 1), slice(0, length))] = saved[n][self.seq(slice(None), slice(0, length))]
         self.lengths[row] = length
