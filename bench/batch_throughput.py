@@ -25,20 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def make_pdf(path: Path, pages: int) -> None:
-    from PIL import Image, ImageDraw
-
-    images = []
-    for i in range(pages):
-        im = Image.new("RGB", (768, 1024), "white")
-        d = ImageDraw.Draw(im)
-        for line in range(30):
-            text = f"Page {i + 1}, line {line + 1}: invoice 4{i}{line:02d} total {17 * i + line}.00"
-            d.text((40, 30 + 32 * line), text, fill="black")
-        images.append(im)
-    images[0].save(path, save_all=True, append_images=images[1:], resolution=144)
+from bench.common import make_pdf  # noqa: E402
 
 
 def run(cmd: list[str], out: Path) -> dict:

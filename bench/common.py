@@ -9,6 +9,23 @@ import numpy as np
 from vl2edge.generate import prefill
 
 
+def make_pdf(path, pages: int, size: tuple[int, int] = (768, 1024)) -> None:
+    """A PDF of `pages` invoice-like text pages, `size` pixels at 144 dpi (what `vl2edge batch` renders them
+    back to; Letter: 1224x1584)."""
+    from PIL import Image, ImageDraw
+
+    h = size[1]
+    images = []
+    for i in range(pages):
+        im = Image.new("RGB", size, "white")
+        d = ImageDraw.Draw(im)
+        for line in range((h - 60) // 32):
+            text = f"Page {i + 1}, line {line + 1}: invoice 4{i}{line:02d} total {17 * i + line}.00"
+            d.text((40, 30 + 32 * line), text, fill="black")
+        images.append(im)
+    images[0].save(path, save_all=True, append_images=images[1:], resolution=144)
+
+
 def sync(device=None) -> None:
     if device is not None and getattr(device, "type", device) == "cuda":
         import torch
