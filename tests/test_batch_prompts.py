@@ -80,6 +80,24 @@ def test_resume_is_keyed_by_page_and_prompt(tmp_path, inputs, capsys):
     assert len(again) == 12 and len(set(keys)) == 12  # nothing twice, nothing missing
 
 
+def test_structured_fields_for_every_page_and_prompt(tmp_path, inputs):
+    """`--prompts` with `--json-schema`: each (page, prompt) line carries its answer parsed, valid against the
+    schema (constrained decoding), the failed file's lines an error instead."""
+    prompts, schema = tmp_path / "prompts.txt", tmp_path / "schema.json"
+    prompts.write_text("\n".join(PROMPTS[:2]))
+    colours = ["red", "white", "grey"]
+    schema.write_text(json.dumps({"type": "object", "properties": {"colour": {"enum": colours}},
+                                  "required": ["colour"], "additionalProperties": False}))
+    rows = _cli(tmp_path, inputs, prompts, "--json-schema", str(schema), "--max-new-tokens", "32")
+    assert [(r["page"], r["prompt"]) for r in rows] == [(page, p) for page in (None, None, 1, 2) for p in PROMPTS[:2]]
+    for r in rows:
+        if "broken.png" in r["source"]:
+            assert "error" in r and "json" not in r
+        else:
+            assert set(r["json"]) == {"colour"} and r["json"]["colour"] in colours, r
+            assert json.loads(r["answer"]) == r["json"]
+
+
 @pytest.mark.parametrize("text, words", [
     ("", "holds 0 prompts"), ("\n\n", "holds 0 prompts"), ("[1, 2]", "list of strings"),
     ("[\"a\", \"b\"", "not valid JSON"), ("same\nsame\n", "twice"),
