@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import make_pdf  # noqa: E402
+from bench.common import batch_job, make_pdf  # noqa: E402
 from bench.prefix_cache import cpu_name  # noqa: E402
 
 PROMPTS = ["What is the invoice number on the first line?", "What is the total on the last line?",
@@ -38,12 +37,7 @@ LETTER = (1224, 1584)  # 8.5 x 11 in at 144 dpi
 
 def job(cmd: list[str], out: Path) -> tuple[float, dict]:
     """Run one `vl2edge batch` command: its wall seconds and its records keyed by (page, prompt)."""
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    wall, records = batch_job(cmd, out)
     return wall, {(rec["page"], rec.get("prompt")): rec for rec in records}
 
 

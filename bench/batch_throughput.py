@@ -27,16 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import make_pdf  # noqa: E402
+from bench.common import batch_job, make_pdf  # noqa: E402
 
 
 def run(cmd: list[str], out: Path) -> dict:
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    wall, records = batch_job(cmd, out)
     t = [r["timings"] for r in records if "timings" in r]
     return {"pages": len(records), "wall_s": round(wall, 1), "pages_per_min": round(60 * len(records) / wall, 2),
             "ttft_s_median": round(statistics.median(x["ttft_s"] for x in t), 2),

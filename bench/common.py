@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 
 from vl2edge.generate import prefill
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_pdf(path, pages: int, size: tuple[int, int] = (768, 1024)) -> None:
@@ -24,6 +29,17 @@ def make_pdf(path, pages: int, size: tuple[int, int] = (768, 1024)) -> None:
             d.text((40, 30 + 32 * line), text, fill="black")
         images.append(im)
     images[0].save(path, save_all=True, append_images=images[1:], resolution=144)
+
+
+def batch_job(cmd: list[str], out) -> tuple[float, list[dict]]:
+    """Run one `vl2edge batch` command (from the repository root) that writes `out`: its wall seconds and the
+    records it wrote; a failed command ends the benchmark with its error."""
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return wall, [json.loads(line) for line in Path(out).read_text().splitlines()]
 
 
 def sync(device=None) -> None:
