@@ -13,8 +13,9 @@ iterating it yields the answer's token ids as they are chosen. Each turn of the 
 
 A row leaves the moment its answer ends, and the last row moves into its place: rows stay dense, so a step
 runs over rows 0..R-1 and nothing else. Memory is the slots' (`max_batch` x `max_len` positions at most; the
-PyTorch model allocates them once, the ONNX one as the longest row needs them, see `OnnxSlots`). A prompt is embedded (its images through the vision tower) by the engine's thread when its turn to join
-comes, so the vision tower and the decode steps take turns on the cores instead of fighting over them.
+PyTorch model allocates them once, the ONNX one as the longest row needs them, see `OnnxSlots`). A prompt is
+embedded (its images through the vision tower) by the engine's thread when its turn to join comes, so the
+vision tower and the decode steps take turns on the cores instead of fighting over them.
 """
 
 from __future__ import annotations
