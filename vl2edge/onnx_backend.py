@@ -98,16 +98,20 @@ class OnnxSlots:
     `capacity` follows the longest row (a multiple of CAPACITY_STEP, at most `max_len`): it grows by half again
     when a row needs more, and shrinks when every row fits in a quarter of it. GroupQueryAttention's CPU kernel
     costs in proportion to the bound buffer's length, not the row's, so a one-row batch in a `max_len` buffer
-    decoded at 0.7-0.8x the unbatched loop's speed on full-size Tiny (bench/RESULTS.md, 2026-12-07)."""
+    decoded at 0.7-0.9x the unbatched loop's speed on full-size Tiny (bench/RESULTS.md, 2026-12-07)."""
 
     def __init__(self, layout: dict, names: list[str], slots: int, max_len: int, step: int = CAPACITY_STEP):
         self.shared, self.axis, self.max_len = layout.get("shared_buffer", False), layout["sequence_axis"], max_len
         self.step = step  # capacity is a multiple of it
-        self.capacity = min(max_len, step)
         shape = list(layout["shape"])
-        shape[0], shape[self.axis] = slots, self.capacity
+        shape[0], shape[self.axis] = slots, min(max_len, step)
         self.buffers = {n: np.zeros(shape, np.float32) for n in names}
         self.lengths = np.zeros(slots, np.int64)
+
+    @property
+    def capacity(self) -> int:
+        """Positions a row can hold now (the buffers' length along the sequence axis)."""
+        return next(iter(self.buffers.values())).shape[self.axis]
 
     def seq(self, rows: slice | np.ndarray, positions) -> tuple:
         """The index of `positions` (a slice or an index array) along the sequence axis, for `rows`."""
@@ -139,7 +143,6 @@ class OnnxSlots:
             new = np.zeros(shape, np.float32)
             new[self.seq(slice(None), slice(0, keep))] = old[self.seq(slice(None), slice(0, keep))]
             self.buffers[name] = new
-        self.capacity = want
 
     def save_row(self, row: int, length: int) -> dict[str, np.ndarray]:
         """Copies of row `row`'s first `length` positions (`OnnxCache.save`'s layout)."""
